@@ -1,0 +1,32 @@
+"""m2d: Masked Modeling Duo (M2D) audio representations.
+
+    >>> import m2d
+    >>> runtime = m2d.load('m2d_vit_base-80x608p16x16-221006-mr7')   # or a path to a .pth
+    >>> features = runtime.encode(batch_audio)                      # [B, T', 3840]
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .runtime import RuntimeM2D
+
+__version__ = '0.1.0'
+__all__ = ['RuntimeM2D', 'load', '__version__']
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def load(name_or_path: str | Path, **kwargs) -> RuntimeM2D:
+    """A RuntimeM2D from a weight file path, or from a released model name (downloaded once, cached)."""
+    path = Path(name_or_path)
+    if not path.exists():
+        from .hub import is_released_name, resolve_weights
+
+        if is_released_name(str(name_or_path)):
+            path = resolve_weights(str(name_or_path), trust=kwargs.get('trust', False))
+        else:
+            raise FileNotFoundError(f'{name_or_path}: neither a weight file nor a released model name '
+                                    '(see m2d.hub.RELEASES)')
+    return RuntimeM2D(path, **kwargs)

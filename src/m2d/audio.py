@@ -1,0 +1,146 @@
+"""Audio input and the log-mel front-end of M2D.
+
+The front-end reproduces the reference (nnAudio ``MelSpectrogram`` + ``log(x + eps)``) with
+``torch.stft`` and a Slaney mel filterbank, so it runs on any device without extra packages.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+LOG_EPS = float(np.finfo(np.float32).eps)  # 1.1920929e-07, as torch.finfo().eps in the reference
+AUDIO_SUFFIXES = ('.wav', '.flac', '.ogg', '.mp3', '.aif', '.aiff', '.opus')
+
+
+@dataclass(frozen=True)
+class FrontEndConfig:
+    """STFT and mel parameters of one M2D preset."""
+
+    sample_rate: int
+    n_fft: int
+    win_length: int
+    hop_length: int
+    n_mels: int = 80
+    f_min: float = 50.0
+    f_max: float = 8000.0
+
+
+PRESETS = {
+    16000: FrontEndConfig(16000, 400, 400, 160, 80, 50.0, 8000.0),
+    32000: FrontEndConfig(32000, 800, 800, 320, 80, 50.0, 16000.0),
+}
+
+
+def preset(sample_rate: int) -> FrontEndConfig:
+    """The front-end preset for 16 kHz or 32 kHz models."""
+    if sample_rate not in PRESETS:
+        raise ValueError(f'no front-end preset for sample_rate={sample_rate}; choose one of {sorted(PRESETS)}')
+    return PRESETS[sample_rate]
+
+
+def _hz_to_mel(f: np.ndarray) -> np.ndarray:
+    """Slaney mel scale (librosa's default, htk=False)."""
+    f = np.asarray(f, dtype=np.float64)
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
+    return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep, f / f_sp)
+
+
+def _mel_to_hz(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
+    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> np.ndarray:
+    """Slaney-scale, Slaney-normalized triangular filters ``[n_mels, n_fft // 2 + 1]`` (float32)."""
+    fft_freqs = np.linspace(0, sample_rate / 2, 1 + n_fft // 2)
+    mel_f = _mel_to_hz(np.linspace(_hz_to_mel(f_min), _hz_to_mel(f_max), n_mels + 2))
+    fdiff = np.diff(mel_f)
+    ramps = mel_f[:, None] - fft_freqs[None, :]
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_f[2:] - mel_f[:-2]))[:, None]
+    return weights.astype(np.float32)
+
+
+class LogMelSpectrogram(nn.Module):
+    """Waveforms ``[B, samples]`` (or ``[samples]``) to log-mel ``[B, 1, n_mels, 1 + samples // hop]``."""
+
+    def __init__(self, config: FrontEndConfig = PRESETS[16000]):
+        super().__init__()
+        self.config = config
+        c = config
+        self.register_buffer('window', torch.hann_window(c.win_length, periodic=True), persistent=False)
+        fb = mel_filterbank(c.sample_rate, c.n_fft, c.n_mels, c.f_min, c.f_max)
+        self.register_buffer('mel_fb', torch.from_numpy(fb), persistent=False)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        if wav.dim() == 1:
+            wav = wav[None]
+        if wav.dim() != 2:
+            raise ValueError(f'expected waveforms [batch, samples], got shape {tuple(wav.shape)}')
+        c = self.config
+        wav = wav.float()
+        pad = c.n_fft // 2
+        # Reflect padding needs more samples than the pad; tiny inputs fall back to zero padding.
+        mode = 'reflect' if wav.shape[-1] > pad else 'constant'
+        x = torch.nn.functional.pad(wav[:, None], (pad, pad), mode=mode)[:, 0]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            spec = torch.stft(x, c.n_fft, hop_length=c.hop_length, win_length=c.win_length,
+                              window=self.window, center=False, return_complex=True)
+            power = torch.view_as_real(spec).pow(2).sum(-1)  # [B, n_fft//2+1, T]
+            mel = torch.matmul(self.mel_fb, power)
+            return torch.log(mel + LOG_EPS)[:, None]
+
+
+def num_frames(samples: int, hop_length: int) -> int:
+    """Frames the front-end gives for a clip of `samples` samples."""
+    return 1 + samples // hop_length
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used; the message names the file."""
+
+
+def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
+    """Read any file libsndfile reads, mix to mono, resample with soxr; returns float32 ``[samples]``."""
+    import soundfile as sf
+    import soxr
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f'{path}: not a file' if path.exists() else f'{path}: no such file')
+    try:
+        data, sr = sf.read(str(path), dtype='float32', always_2d=True)
+    except Exception as e:  # libsndfile's own errors are terse; name the file.
+        raise AudioError(f'{path}: cannot read audio ({e})') from None
+    if data.shape[0] == 0:
+        raise AudioError(f'{path}: the file holds no audio samples')
+    wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(wav).all():
+        raise AudioError(f'{path}: audio contains NaN or infinite samples')
+    if sr != sample_rate:
+        wav = soxr.resample(wav, sr, sample_rate, quality='HQ')
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def find_audio_files(root: str | Path, suffixes: tuple[str, ...] = AUDIO_SUFFIXES) -> list[Path]:
+    """Audio files under `root` (recursive, case-insensitive suffixes), sorted; `root` may be a file."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f'{root}: no such file or folder')
+    suffixes = tuple(s.lower() for s in suffixes)
+    return sorted(p for p in root.rglob('*') if p.name.lower().endswith(suffixes) and not p.is_dir())

@@ -1,0 +1,221 @@
+"""RuntimeM2D: audio in, M2D features out, with the names users of the reference know."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .audio import LogMelSpectrogram, preset
+from .checkpoint import Checkpoint, load_checkpoint
+from .vit import ViTEncoder
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNKS_PER_PASS = 64  # full-length chunks encoded together in one forward pass
+
+
+def _linear_stack(state: dict[str, torch.Tensor], prefix: str) -> nn.Module | None:
+    """Rebuild a projection saved as one Linear (``p.weight``) or a Sequential of Linears + ReLU (``p.0.weight``)."""
+    if f'{prefix}.weight' in state:
+        w = state[f'{prefix}.weight']
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=f'{prefix}.bias' in state)
+        lin.load_state_dict({k.split('.')[-1]: v for k, v in state.items() if k.startswith(prefix + '.')})
+        return lin
+    idx = sorted({int(k.split('.')[1]) for k in state if k.startswith(prefix + '.') and k.endswith('.weight')})
+    if not idx:
+        return None
+    layers: list[nn.Module] = []
+    for n, i in enumerate(idx):
+        w = state[f'{prefix}.{i}.weight']
+        while len(layers) < i:
+            layers.append(nn.ReLU())
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=f'{prefix}.{i}.bias' in state)
+        lin.load_state_dict({k.split('.')[-1]: v for k, v in state.items() if k.startswith(f'{prefix}.{i}.')})
+        layers.append(lin)
+    return nn.Sequential(*layers)
+
+
+class RuntimeM2D(nn.Module):
+    """An M2D encoder with its front-end, loaded from any released weight file.
+
+    Args:
+        weight_file: a ``.pth`` (full, encoder-only, EVAR fine-tuned) or ``.safetensors`` file.
+        flat_features: return one vector per patch ``[B, Fp*T', D]`` instead of stacking the
+            frequency patches of each time step ``[B, T', Fp*D]``.
+        num_classes: build the EVAR classification head (weights taken from a fine-tuned file).
+        bf16: run the encoder under bfloat16 autocast (CPUs with avx512_bf16, GPUs).
+        trust: allow pickles that need more than tensors (runs code from the file).
+    """
+
+    def __init__(self, weight_file: str | Path | None = None, flat_features: bool = False,
+                 num_classes: int | None = None, bf16: bool = False, trust: bool = False,
+                 checkpoint: Checkpoint | None = None):
+        super().__init__()
+        if checkpoint is None:
+            if weight_file is None:
+                raise ValueError('RuntimeM2D needs a weight_file (or m2d.load(NAME) for a released model)')
+            checkpoint = load_checkpoint(weight_file, trust=trust)
+        ckpt = checkpoint
+        self.weight_file = str(ckpt.path)
+        self.sample_rate = ckpt.sample_rate
+        self.bf16 = bf16
+        self.backbone = ViTEncoder(ckpt.vit)
+        self.backbone.load_state_dict(ckpt.encoder, strict=True)
+        self.backbone.requires_grad_(True)
+        self.backbone.pos_embed.requires_grad_(False)
+        self.register_buffer('norm_stats', torch.tensor(ckpt.norm_stats, dtype=torch.float32))
+        self.to_spec = LogMelSpectrogram(preset(ckpt.sample_rate))
+
+        D = ckpt.vit.embed_dim
+        head_in = ckpt.head.get('mlp.mlp.0.weight')
+        # An EVAR head trained on flat features takes D inputs; force flat features to match it.
+        if num_classes is not None and head_in is not None and head_in.shape[1] == D:
+            flat_features = True
+        self.flat_features = flat_features
+        self.feature_d = D if flat_features else D * ckpt.vit.grid_size[0]
+        if num_classes is not None:
+            self.head_norm = nn.BatchNorm1d(self.feature_d, affine=False)
+            self.head = nn.Linear(self.feature_d, num_classes)
+            nn.init.trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
+            if head_in is not None:
+                self._load_head(ckpt, num_classes)
+            else:
+                log.info('%s has no EVAR head; the %d-class head is randomly initialized', ckpt.path.name, num_classes)
+
+        self.audio_proj = _linear_stack(ckpt.clap, 'audio_proj')
+        self.text_proj = _linear_stack(ckpt.clap, 'text_proj')
+        if 'logit_scale' in ckpt.clap:
+            self.register_buffer('logit_scale', ckpt.clap['logit_scale'].clone())
+        self.eval()
+        log.info('RuntimeM2D: %s, input %dx%d, patch %dx%d, %d Hz, norm_stats %.4f/%.4f, feature_d %d',
+                 ckpt.path, *ckpt.vit.input_size, *ckpt.vit.patch_size, self.sample_rate,
+                 *ckpt.norm_stats, self.feature_d)
+
+    def _load_head(self, ckpt: Checkpoint, num_classes: int) -> None:
+        w, b = ckpt.head['mlp.mlp.0.weight'], ckpt.head['mlp.mlp.0.bias']
+        if w.shape != (num_classes, self.feature_d):
+            raise ValueError(f'{ckpt.path}: the EVAR head is {tuple(w.shape)} (classes x features), '
+                             f'but num_classes={num_classes} and feature_d={self.feature_d} were asked')
+        self.head.load_state_dict({'weight': w, 'bias': b})
+        self.head_norm.load_state_dict({'running_mean': ckpt.head['norm.running_mean'],
+                                        'running_var': ckpt.head['norm.running_var'],
+                                        'num_batches_tracked': ckpt.head.get('norm.num_batches_tracked',
+                                                                             torch.tensor(0))})
+
+    # ----- geometry -----------------------------------------------------------------------
+
+    @property
+    def cfg(self):
+        """The encoder's ViTConfig (input_size, patch_size, embed_dim, ...)."""
+        return self.backbone.config
+
+    @property
+    def frame_rate(self) -> float:
+        """Output time steps per second (stacked features)."""
+        return self.sample_rate / (self.to_spec.config.hop_length * self.cfg.patch_size[1])
+
+    def _autocast(self, device: torch.device):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    # ----- the reference API ----------------------------------------------------------------
+
+    def to_feature(self, batch_audio: torch.Tensor) -> torch.Tensor:
+        """Waveforms ``[B, samples]`` in [-1, 1] -> log-mel ``[B, 1, 80, frames]`` (not normalized)."""
+        return self.to_spec(batch_audio)
+
+    def normalize_batch(self, lms: torch.Tensor) -> torch.Tensor:
+        """Standardize with the checkpoint's ``norm_stats`` (mean, std)."""
+        return (lms - self.norm_stats[0]) / self.norm_stats[1]
+
+    def _stack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., Fp*Tp, D]`` -> ``[..., Tp, Fp*D]`` (``b (f t) d -> b t (f d)``)."""
+        fp = self.cfg.grid_size[0]
+        *lead, L, D = x.shape
+        x = x.reshape(*lead, fp, L // fp, D).transpose(-3, -2)
+        return x.reshape(*lead, L // fp, fp * D)
+
+    def _encode_chunks(self, chunks: torch.Tensor, return_layers: bool) -> list[torch.Tensor]:
+        """Encode ``[N, 1, F, T]`` chunks of one length; returns per-layer ``[N, L, D]`` without cls."""
+        outs = []
+        for i in range(0, chunks.shape[0], MAX_CHUNKS_PER_PASS):
+            y = self.backbone(chunks[i:i + MAX_CHUNKS_PER_PASS], return_layers=return_layers)
+            y = y if return_layers else [y]
+            outs.append([layer[:, 1:] for layer in y])
+        return [torch.cat(parts) for parts in zip(*outs)]
+
+    def encode_lms(self, lms: torch.Tensor, return_layers: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Encode a normalized LMS ``[B, 1, 80, T]`` of any length.
+
+        Inputs longer than the model's unit (e.g. 608 frames) are split into unit chunks (encoded
+        together in one batch) and a right-padded remainder; chunk features are concatenated in time.
+        Returns ``[B, T', Fp*D]`` (or ``[B, Fp*T', D]`` with flat_features), or a list of such
+        tensors, one per layer, with `return_layers` (the last one after the final norm).
+        """
+        if lms.dim() == 3:
+            lms = lms[:, None]
+        B, unit, pw = lms.shape[0], self.cfg.input_size[1], self.cfg.patch_size[1]
+        pad = (pw - lms.shape[-1] % pw) % pw
+        if pad:
+            lms = nn.functional.pad(lms, (0, pad))
+        n_full, rest = divmod(lms.shape[-1], unit)
+        pieces = []  # per chunk: list over layers of [B, L, D]
+        with self._autocast(lms.device):
+            if n_full:
+                full = lms[..., :n_full * unit].unflatten(-1, (n_full, unit)).permute(3, 0, 1, 2, 4)
+                layers = self._encode_chunks(full.reshape(n_full * B, *full.shape[2:]), return_layers)
+                pieces += [[layer[c * B:(c + 1) * B] for layer in layers] for c in range(n_full)]
+            if rest:
+                pieces.append(self._encode_chunks(lms[..., n_full * unit:], return_layers))
+        per_layer = []
+        for layer_chunks in zip(*pieces):
+            chunks = [c.float() if self.flat_features else self._stack(c.float()) for c in layer_chunks]
+            per_layer.append(torch.cat(chunks, dim=1))
+        return per_layer if return_layers else per_layer[0]
+
+    def encode(self, batch_audio: torch.Tensor, return_layers: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Waveforms -> log-mel -> normalized -> features (see `encode_lms`)."""
+        return self.encode_lms(self.normalize_batch(self.to_feature(batch_audio)), return_layers=return_layers)
+
+    def forward(self, batch_audio: torch.Tensor) -> torch.Tensor:
+        """Logits when a head was built (`num_classes`), else the features of `encode`."""
+        x = self.encode(batch_audio)
+        if not hasattr(self, 'head'):
+            return x
+        return self.head(self.head_norm(x.mean(1)))
+
+    def get_scene_embeddings(self, batch_audio: torch.Tensor) -> torch.Tensor:
+        """One vector per clip: the time average of `encode` ``[B, feature_d]``."""
+        return self.encode(batch_audio).mean(1)
+
+    def get_timestamp_embeddings(self, batch_audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode` features and the centre of each time step in milliseconds ``[B, T']``."""
+        x = self.encode(batch_audio)
+        if self.flat_features:
+            raise ValueError('timestamps need stacked features; create the runtime with flat_features=False')
+        step_ms = 1000.0 / self.frame_rate
+        ts = (torch.arange(x.shape[1], device=x.device, dtype=torch.float32) + 0.5) * step_ms
+        return x, ts.expand(x.shape[0], -1)
+
+    # ----- M2D-CLAP ---------------------------------------------------------------------------
+
+    def encode_clap_audio(self, batch_audio: torch.Tensor) -> torch.Tensor:
+        """M2D-CLAP audio embedding: ``audio_proj`` of the mean over all patch features."""
+        if self.audio_proj is None:
+            raise ValueError(f'{self.weight_file} has no audio_proj; it is not an M2D-CLAP weight file')
+        x = self.encode(batch_audio)
+        D = self.cfg.embed_dim
+        patch_mean = x.reshape(x.shape[0], -1, D).mean(1)
+        return self.audio_proj(patch_mean)
+
+    def encode_clap_text(self, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Project sentence embeddings of the CLAP text encoder with ``text_proj``."""
+        if self.text_proj is None:
+            raise ValueError(f'{self.weight_file} has no text_proj; it is not an M2D-CLAP weight file')
+        return self.text_proj(text_embeddings)

@@ -1,0 +1,177 @@
+"""The ViT encoder of M2D, without timm, keeping timm's state-dict key names.
+
+Tokens are frequency-major: for an LMS ``[B, 1, F, T]`` and patch ``ph x pw`` the patch at
+frequency row f and time column t has index ``f * (T // pw) + t``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LAYER_NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Dimensions of an M2D encoder: input ``F x T`` frames, patch ``ph x pw``, width and depth."""
+
+    input_size: tuple[int, int] = (80, 608)
+    patch_size: tuple[int, int] = (16, 16)
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    in_chans: int = 1
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.input_size[0] // self.patch_size[0], self.input_size[1] // self.patch_size[1]
+
+    @property
+    def num_patches(self) -> int:
+        fp, tp = self.grid_size
+        return fp * tp
+
+
+WIDTHS = {  # model-name width -> (embed_dim, depth, num_heads), as timm's ViT family
+    'tiny': (192, 12, 3),
+    'small': (384, 12, 6),
+    'base': (768, 12, 12),
+    'large': (1024, 24, 16),
+}
+
+
+def sincos_pos_embed_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum('m,d->md', pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: tuple[int, int], cls_token: bool = True) -> np.ndarray:
+    """MAE's fixed 2-D sin-cos table ``[(1 +) Fp*Tp, dim]`` for a ``Fp x Tp`` grid (row-major)."""
+    gh, gw = grid_size
+    grid_w, grid_h = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32))
+    emb = np.concatenate([sincos_pos_embed_1d(dim // 2, grid_w), sincos_pos_embed_1d(dim // 2, grid_h)], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros([1, dim]), emb], axis=0)
+    return emb.astype(np.float32)
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d with kernel = stride = patch; any input length that is a multiple of the patch."""
+
+    def __init__(self, patch_size: tuple[int, int], in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, Fp, Tp] -> [B, Fp*Tp, D]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'embed_dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm's ``Block`` key names)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = LAYER_NORM_EPS):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTEncoder(nn.Module):
+    """Patch embedding, fixed 2-D sin-cos positions, cls token, blocks and final norm."""
+
+    def __init__(self, config: ViTConfig = ViTConfig(), eps: float = LAYER_NORM_EPS):
+        super().__init__()
+        self.config = config
+        D = config.embed_dim
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        pos = torch.from_numpy(sincos_pos_embed_2d(D, config.grid_size))[None]
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed, as in MAE
+        self.blocks = nn.ModuleList([Block(D, config.num_heads, config.mlp_ratio, eps) for _ in range(config.depth)])
+        self.norm = nn.LayerNorm(D, eps=eps)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.config.grid_size
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return self.config.patch_size
+
+    def patch_pos_embed(self, num_time_patches: int) -> torch.Tensor:
+        """Position table of the patches ``[1, Fp*Tp', D]`` for an input with Tp' time columns."""
+        fp, tp = self.grid_size
+        pos = self.pos_embed[:, 1:]
+        if num_time_patches == tp:
+            return pos
+        if num_time_patches > tp:
+            raise ValueError(f'input has {num_time_patches} time patches; the model takes at most {tp}')
+        return pos.reshape(1, fp, tp, -1)[:, :, :num_time_patches].reshape(1, fp * num_time_patches, -1)
+
+    def embed(self, lms: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with positions, without cls: ``[B, Fp*Tp', D]``."""
+        if lms.dim() != 4 or lms.shape[2] != self.config.input_size[0]:
+            raise ValueError(f'expected LMS [B, 1, {self.config.input_size[0]}, T], got {tuple(lms.shape)}')
+        x = self.patch_embed(lms)
+        return x + self.patch_pos_embed(x.shape[1] // self.grid_size[0])
+
+    def cls_with_pos(self, batch: int) -> torch.Tensor:
+        return (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)
+
+    def run_blocks(self, x: torch.Tensor, return_layers: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Blocks then final norm; with `return_layers`, every block output (the last normalized)."""
+        layers = []
+        for blk in self.blocks:
+            x = blk(x)
+            if return_layers:
+                layers.append(x)
+        x = self.norm(x)
+        if return_layers:
+            layers[-1] = x
+            return layers
+        return x
+
+    def forward(self, lms: torch.Tensor, return_layers: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Encode an unmasked LMS chunk: ``[B, 1 + Fp*Tp', D]`` (cls first), or a list per layer."""
+        x = self.embed(lms)
+        x = torch.cat([self.cls_with_pos(x.shape[0]), x], dim=1)
+        return self.run_blocks(x, return_layers)

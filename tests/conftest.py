@@ -52,3 +52,34 @@ def m2d_s_ckpt(tmp_path_factory, official_checkpoint) -> Path:
 @pytest.fixture(scope='session')
 def fsdd_dir() -> Path:
     return need(FSDD)
+
+
+def write_small_checkpoint(folder: Path, name: str = 'm2d_vit_tiny-80x208p16x16-240101', embed_dim: int = 64,
+                           depth: int = 2, norm_stats=(-8.0, 4.0), seed: int = 0) -> Path:
+    """A small encoder checkpoint in the official container ({'model', 'epoch', 'args'}); returns its path."""
+    import argparse
+
+    import torch
+
+    from m2d.checkpoint import parse_model_name
+    from m2d.vit import ViTConfig, ViTEncoder
+
+    geo = parse_model_name(name)
+    torch.manual_seed(seed)
+    enc = ViTEncoder(ViTConfig(input_size=geo.input_size, patch_size=geo.patch_size, embed_dim=embed_dim,
+                               depth=depth, num_heads=max(1, embed_dim // 64)))
+    with torch.no_grad():  # non-trivial values everywhere (LayerNorms included)
+        for p in enc.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    sd = dict(enc.state_dict())
+    sd['norm_stats'] = torch.tensor(norm_stats)
+    path = Path(folder) / name / 'checkpoint-1.pth'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({'model': sd, 'epoch': 1, 'args': argparse.Namespace(model=geo.model)}, path)
+    return path
+
+
+@pytest.fixture
+def small_ckpt(tmp_path) -> Path:
+    """A small 80x208p16x16 encoder checkpoint (64-d, 2 blocks) in a folder named like a release."""
+    return write_small_checkpoint(tmp_path)

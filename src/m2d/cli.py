@@ -22,6 +22,7 @@ COMMANDS = {
     'pretrain': ('pretrain', 'pre-train MSM-MAE / M2D / M2D-S / M2D-X (torchrun for many GPUs)'),
     'pretrain-speech': ('pretrain_speech', 'pre-train M2D-S with the speech presets'),
     'teacher-features': ('teacher_features', 'compute LMS + teacher (HuBERT) features for M2D-S'),
+    'superb': ('superb', 'install the M2D upstream into an s3prl (SUPERB) checkout'),
 }
 
 

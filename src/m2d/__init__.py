@@ -22,11 +22,10 @@ def load(name_or_path: str | Path, **kwargs) -> RuntimeM2D:
     """A RuntimeM2D from a weight file path, or from a released model name (downloaded once, cached)."""
     path = Path(name_or_path)
     if not path.exists():
-        from .hub import is_released_name, resolve_weights
+        from .hub import resolve_weights
 
-        if is_released_name(str(name_or_path)):
-            path = resolve_weights(str(name_or_path), trust=kwargs.get('trust', False))
-        else:
-            raise FileNotFoundError(f'{name_or_path}: neither a weight file nor a released model name '
-                                    '(see m2d.hub.RELEASES)')
+        looks_like_path = path.suffix in ('.pth', '.pt', '.safetensors') or len(path.parts) > 1
+        if looks_like_path:
+            raise FileNotFoundError(f'{name_or_path}: no such weight file')
+        path = resolve_weights(str(name_or_path), trust=kwargs.get('trust', False))  # unknown names: a hint
     return RuntimeM2D(path, **kwargs)

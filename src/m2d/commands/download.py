@@ -1,0 +1,35 @@
+"""`m2d download NAME... [--cache DIR]` and `m2d download --list`: released weights into the cache."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('names', nargs='*', metavar='NAME', help='released model names (see --list)')
+    parser.add_argument('--list', action='store_true', help='list the released models and which are cached')
+    parser.add_argument('--cache', metavar='DIR', default=None,
+                        help='cache folder (default: $M2D_CACHE or ~/.cache/m2d)')
+    parser.add_argument('--quiet', '-q', action='store_true', help='no progress bar')
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import hub
+
+    if args.list:
+        print(f'cache: {hub.cache_dir(args.cache)}')
+        for name, tag, path in hub.list_releases(args.cache):
+            print(f'{name:<58} {tag}  {path if path else "-"}')
+        return 0
+    if not args.names:
+        print('m2d download: error: give model names, or --list to see them', file=sys.stderr)
+        return 2
+    status = 0
+    for name in args.names:
+        try:
+            print(hub.download(name, cache=args.cache, progress=not args.quiet))
+        except (hub.DownloadError, hub.UnknownModelError) as e:
+            print(f'm2d download: error: {e}', file=sys.stderr)
+            status = 1
+    return status

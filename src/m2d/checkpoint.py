@@ -6,7 +6,8 @@ files (``module.ar.runtime.backbone.*`` + ``module.head.*``), M2D-S/X/AS (``offl
 M2D-CLAP (``audio_proj``/``text_proj``/``logit_scale``), and safetensors exports of any of them.
 
 Loading never runs code from the file: pickles go through ``torch.load(weights_only=True)`` with
-only ``argparse.Namespace`` allow-listed; anything else needs an explicit ``trust=True``.
+only ``argparse.Namespace`` and plain data (numpy scalars/arrays/dtypes, paths) allow-listed; anything
+else needs an explicit ``trust=True``.
 """
 
 from __future__ import annotations
@@ -88,24 +89,54 @@ def name_from_path(path: str | Path) -> ModelName | None:
 # reading
 
 
+def _safe_globals() -> list[Any]:
+    """What a weight file may contain besides tensors: ``argparse.Namespace`` (released files carry
+    the training args) and plain data that such args hold: numpy scalars/arrays/dtypes, paths."""
+    import pathlib
+
+    import numpy as np
+
+    core = getattr(np, '_core', None) or np.core
+    kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+             np.float16, np.float32, np.float64, np.complex64, np.complex128, np.str_)
+    return [argparse.Namespace, np.dtype, np.ndarray, core.multiarray._reconstruct, core.multiarray.scalar,
+            *{type(np.dtype(k)) for k in kinds}, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
+
+
+def _unsafe_reason(message: str) -> str | None:
+    """What ``torch.load(weights_only=True)`` refused, from its error message; None if it was no refusal."""
+    if 'Weights only load failed' not in message:
+        return None
+    m = re.search(r'Unsupported global: GLOBAL (\S+)', message)
+    if m:
+        return f'it needs {m[1]}'
+    m = re.search(r'Unsupported operand \d+', message)
+    return f'the safe loader does not support it: {m[0]}' if m else 'it needs more than tensors and argparse.Namespace'
+
+
 def torch_load(path: str | Path, trust: bool = False) -> Any:
     """``torch.load`` on CPU that refuses to run code unless `trust` is set."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{path}: no such weight file')
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not trust:
-            raise UnsafeCheckpointError(
-                f'{path}: refused to load: the file needs more than tensors to unpickle ({str(e).splitlines()[0]}). '
-                'A pickle can run code; load it only if you trust its source, with trust=True '
-                '(CLI: --trust).') from None
-        log.warning('%s: loading with weights_only=False because trust=True', path)
+    except Exception as e:  # torch raises many types for files that are not its own (KeyError, EOFError, ...)
+        reason = _unsafe_reason(str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if reason is None:
+            detail = re.sub(r'\x1b\[[0-9;]*m', '', str(e)).strip().splitlines()
+            raise CheckpointError(f'{path}: not a readable PyTorch weight file '
+                                  f'({type(e).__name__}: {detail[0] if detail else "empty"})') from None
+    if not trust:
+        raise UnsafeCheckpointError(
+            f'{path}: refused to load: unpickling the file would import code ({reason}). A pickle can run code; '
+            'load it only if you trust its source, with trust=True (CLI: --trust).')
+    log.warning('%s: loading with weights_only=False because trust=True', path)
+    try:
         return torch.load(path, map_location='cpu', weights_only=False)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f'{path}: not a readable PyTorch weight file ({e})') from None
+    except Exception as e:
+        raise CheckpointError(f'{path}: could not load the file even with trust=True ({type(e).__name__}: {e})') from None
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -185,10 +216,13 @@ def infer_vit_config(sd: dict[str, torch.Tensor], name: ModelName | None, source
         if n_tokens % fp:
             raise CheckpointError(f'{source}: pos_embed has {n_tokens} patch positions, not a multiple of '
                                   f'{fp} frequency patches')
-        T = n_tokens // fp * pw
-        if name and name.input_size[1] != T:
+        tp = n_tokens // fp
+        # Compare whole time patches: 80x1001p16x16 holds 62 columns (the conv drops the last 9 frames).
+        if name and name.input_size[1] // pw != tp:
             raise CheckpointError(f'{source}: the name says input {name.input_size[0]}x{name.input_size[1]} '
-                                  f'but pos_embed has positions for {F}x{T}')
+                                  f'({name.input_size[1] // pw} time patches of {pw} frames) but pos_embed has '
+                                  f'positions for {F}x{tp * pw} ({tp} time patches)')
+        T = name.input_size[1] if name else tp * pw
     elif name:
         T = name.input_size[1]
     else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -47,7 +46,10 @@ class RuntimeM2D(nn.Module):
         flat_features: return one vector per patch ``[B, Fp*T', D]`` instead of stacking the
             frequency patches of each time step ``[B, T', Fp*D]``.
         num_classes: build the EVAR classification head (weights taken from a fine-tuned file).
-        bf16: run the encoder under bfloat16 autocast (CPUs with avx512_bf16, GPUs).
+        bf16: encode in bfloat16 (CPUs with avx512_bf16/AMX, GPUs): the encoder weights are cast
+            once to bfloat16 and activations run in bfloat16 (the kernels accumulate LayerNorm,
+            softmax and matmuls in float32); features come back as float32. An inference mode:
+            for training in mixed precision, keep float32 weights and use ``torch.autocast``.
         trust: allow pickles that need more than tensors (runs code from the file).
     """
 
@@ -67,6 +69,10 @@ class RuntimeM2D(nn.Module):
         self.backbone.load_state_dict(ckpt.encoder, strict=True)
         self.backbone.requires_grad_(True)
         self.backbone.pos_embed.requires_grad_(False)
+        if bf16:
+            # Cast once. Autocast would re-cast every weight on every call under torch.inference_mode
+            # (its cast cache is off there), which made bf16 slower than float32 on CPU.
+            self.backbone.to(torch.bfloat16)
         self.register_buffer('norm_stats', torch.tensor(ckpt.norm_stats, dtype=torch.float32))
         self.to_spec = LogMelSpectrogram(preset(ckpt.sample_rate))
 
@@ -119,11 +125,6 @@ class RuntimeM2D(nn.Module):
         """Output time steps per second (stacked features)."""
         return self.sample_rate / (self.to_spec.config.hop_length * self.cfg.patch_size[1])
 
-    def _autocast(self, device: torch.device):
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
     # ----- the reference API ----------------------------------------------------------------
 
     def to_feature(self, batch_audio: torch.Tensor) -> torch.Tensor:
@@ -144,8 +145,9 @@ class RuntimeM2D(nn.Module):
     def _encode_chunks(self, chunks: torch.Tensor, return_layers: bool) -> list[torch.Tensor]:
         """Encode ``[N, 1, F, T]`` chunks of one length; returns per-layer ``[N, L, D]`` without cls."""
         outs = []
+        dtype = self.backbone.patch_embed.proj.weight.dtype  # bfloat16 in bf16 mode
         for i in range(0, chunks.shape[0], MAX_CHUNKS_PER_PASS):
-            y = self.backbone(chunks[i:i + MAX_CHUNKS_PER_PASS], return_layers=return_layers)
+            y = self.backbone(chunks[i:i + MAX_CHUNKS_PER_PASS].to(dtype), return_layers=return_layers)
             y = y if return_layers else [y]
             outs.append([layer[:, 1:] for layer in y])
         return [torch.cat(parts) for parts in zip(*outs)]
@@ -161,18 +163,18 @@ class RuntimeM2D(nn.Module):
         if lms.dim() == 3:
             lms = lms[:, None]
         B, unit, pw = lms.shape[0], self.cfg.input_size[1], self.cfg.patch_size[1]
-        pad = (pw - lms.shape[-1] % pw) % pw
-        if pad:
-            lms = nn.functional.pad(lms, (0, pad))
+        # Frames of a unit covered by whole patches: the unit itself, except for units such as 1001
+        # frames with 16-frame patches, whose last 9 frames the reference's patch embedding drops.
+        used = self.cfg.grid_size[1] * pw
         n_full, rest = divmod(lms.shape[-1], unit)
         pieces = []  # per chunk: list over layers of [B, L, D]
-        with self._autocast(lms.device):
-            if n_full:
-                full = lms[..., :n_full * unit].unflatten(-1, (n_full, unit)).permute(3, 0, 1, 2, 4)
-                layers = self._encode_chunks(full.reshape(n_full * B, *full.shape[2:]), return_layers)
-                pieces += [[layer[c * B:(c + 1) * B] for layer in layers] for c in range(n_full)]
-            if rest:
-                pieces.append(self._encode_chunks(lms[..., n_full * unit:], return_layers))
+        if n_full:
+            full = lms[..., :n_full * unit].unflatten(-1, (n_full, unit))[..., :used].permute(3, 0, 1, 2, 4)
+            layers = self._encode_chunks(full.reshape(n_full * B, *full.shape[2:]), return_layers)
+            pieces += [[layer[c * B:(c + 1) * B] for layer in layers] for c in range(n_full)]
+        if rest:
+            tail = nn.functional.pad(lms[..., n_full * unit:], (0, (pw - rest % pw) % pw))
+            pieces.append(self._encode_chunks(tail, return_layers))
         per_layer = []
         for layer_chunks in zip(*pieces):
             chunks = [c.float() if self.flat_features else self._stack(c.float()) for c in layer_chunks]

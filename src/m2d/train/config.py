@@ -1,0 +1,311 @@
+"""Pre-training options: one dataclass, and the argparse options that fill it.
+
+Option names follow the reference ``train_audio.py`` so existing command lines keep working;
+defaults are the reference's M2D defaults (input 80x608, patch 16x16, mask 0.7, 300 epochs,
+warmup 20, batch 512 per process, blr 3e-4, weight decay 0.05, clip 3.0, EMA 0.99995 -> 0.99999,
+decoder 8 blocks of 512-d with 16 heads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import ModelName
+from ..vit import WIDTHS
+
+# model-name prefix -> model kind of m2d.models.create_model
+FAMILIES = {'m2d': 'm2d', 'msm_mae': 'msm_mae', 'm2d_s': 'm2d_s', 'm2d_x': 'm2d_s'}
+_MODEL_RE = re.compile(r'^(?P<family>m2d_s|m2d_x|msm_mae|m2d)_vit_(?P<width>tiny|small|base|large)$')
+MODELS = tuple(f'{f}_vit_{w}' for f in FAMILIES for w in WIDTHS)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pre-training run needs; field names are the command-line option names."""
+
+    # model
+    model: str = 'm2d_vit_base'
+    input_size: str = '80x608'
+    patch_size: str = '16x16'
+    sr: str = '16k'
+    depth: int | None = None
+    decoder_depth: int = 8
+    decoder_embed_dim: int = 512
+    decoder_num_heads: int = 16
+    mask_ratio: float = 0.7
+    mask_type: str = 'unstructured'
+    cont_mask: int = 0
+    norm_pix_loss: bool = True
+    loss_fn: str = 'norm_mse'
+    loss_m2d: float = 1.0
+    loss_off: float = 0.0
+    off_emb_dim: int | None = None
+    teacher: str = ''
+    # optimization
+    epochs: int = 300
+    batch_size: int = 512
+    accum_iter: int = 1
+    lr: float | None = None
+    blr: float = 3e-4
+    min_lr: float = 0.0
+    warmup_epochs: float = 20
+    weight_decay: float = 0.05
+    clip_grad: float = 3.0
+    ema_decay_init: float = 0.99995
+    ema_decay: float = 0.99999
+    bf16: bool = False
+    optim: str = 'adamw'
+    max_steps: int = 0
+    stop_at: int = 0
+    # data
+    data_path: str = ''
+    csv_main: str = 'data/files_audioset.csv'
+    csv_bg_noise: str = ''
+    noise_ratio: float = 0.0
+    min_ds_size: int = 10000
+    norm_stats: str | None = None
+    norm_stats_samples: int = 10000
+    num_workers: int = 8
+    # run
+    output_dir: str = ''
+    output_root: str = '.'
+    log_dir: str = ''
+    resume: str = ''
+    init: str = ''
+    save_freq: int = 100
+    save_freq_steps: int = 0
+    feature_eval_freq: int = 10
+    feature_eval_samples: int = 1000
+    log_every: int = 20
+    seed: int = 0
+    device: str = field(default_factory=lambda: 'cuda' if torch.cuda.is_available() else 'cpu')
+    crash_at_step: int = 0  # testing only: SIGKILL this process after that many micro-steps
+
+    # ----- derived ---------------------------------------------------------------------------
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return parse_size(self.input_size, '--input_size')
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        return parse_size(self.patch_size, '--patch_size')
+
+    @property
+    def sample_rate(self) -> int:
+        m = re.fullmatch(r'(\d+)k?', self.sr)
+        if not m:
+            raise ValueError(f'--sr must look like 16k or 32k, got {self.sr!r}')
+        return int(m[1]) * (1000 if self.sr.endswith('k') else 1)
+
+    @property
+    def family(self) -> str:
+        return _parse_model(self.model)[0]
+
+    @property
+    def kind(self) -> str:
+        """The `m2d.models.create_model` kind: 'm2d', 'msm_mae' or 'm2d_s' (M2D-S and M2D-X)."""
+        return FAMILIES[self.family]
+
+    @property
+    def is_speech(self) -> bool:
+        """M2D-S / M2D-X: the dataset comes from `m2d.data.speech.build_speech_dataset`."""
+        return self.family in ('m2d_s', 'm2d_x')
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        (f, t), (ph, pw) = self.input_hw, self.patch_hw
+        return f // ph, t // pw
+
+    def parsed_norm_stats(self) -> tuple[float, float] | None:
+        """``--norm_stats`` as (mean, std); accepts ``-7.1,4.2`` and the reference's ``[-7.1, 4.2]``."""
+        if self.norm_stats in (None, '', 'None'):
+            return None
+        parts = [p for p in re.split(r'[\s,]+', str(self.norm_stats).strip('[]() ')) if p]
+        try:
+            mean, std = (float(p) for p in parts)
+        except ValueError:
+            raise ValueError(f'--norm_stats must be MEAN,STD (e.g. -7.1,4.2), got {self.norm_stats!r}') from None
+        if not std > 0:
+            raise ValueError(f'--norm_stats: std must be positive, got {std}')
+        return mean, std
+
+    def model_config(self) -> dict:
+        """Keyword arguments of `m2d.models.create_model` (without norm_stats and off_emb_dim)."""
+        _, width = _parse_model(self.model)
+        embed_dim, depth, heads = WIDTHS[width]
+        cfg = dict(img_size=list(self.input_hw), patch_size=list(self.patch_hw), in_chans=1, embed_dim=embed_dim,
+                   depth=self.depth or depth, num_heads=heads, decoder_embed_dim=self.decoder_embed_dim,
+                   decoder_depth=self.decoder_depth, decoder_num_heads=self.decoder_num_heads, mlp_ratio=4.0,
+                   norm_pix_loss=self.norm_pix_loss, layer_norm_eps=1e-6, mask_ratio=self.mask_ratio,
+                   mask_type=self.mask_type, cont_mask=self.cont_mask)
+        if self.kind != 'msm_mae':
+            cfg['loss_type'] = self.loss_fn
+        if self.kind == 'm2d_s':
+            cfg.update(loss_m2d=self.loss_m2d, loss_off=self.loss_off)
+        return cfg
+
+    def effective_batch_size(self, world_size: int) -> int:
+        return self.batch_size * self.accum_iter * world_size
+
+    def default_run_name(self, date: datetime.date | None = None) -> str:
+        """``MODEL-FxTpPHxPWpSRk-YYMMDD-mrN``: a name `m2d.checkpoint.parse_model_name` reads back."""
+        name = ModelName(self.model, self.input_hw, self.patch_hw, self.sample_rate).format()
+        date = date or datetime.date.today()
+        ratio = f'{self.mask_ratio:g}'.replace('0.', '', 1).replace('.', '')
+        return f'{name}-{date:%y%m%d}-mr{ratio}'
+
+    def resolve_output_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path(self.output_root) / self.default_run_name()
+
+    def check(self) -> 'TrainConfig':
+        """Raise ValueError naming the option for inconsistent settings."""
+        _parse_model(self.model)
+        (f, t), (ph, pw) = self.input_hw, self.patch_hw
+        if f % ph or t % pw:
+            raise ValueError(f'--input_size {self.input_size} is not a multiple of --patch_size {self.patch_size}')
+        self.parsed_norm_stats()
+        _ = self.sample_rate
+        for name in ('epochs', 'batch_size', 'accum_iter', 'log_every'):
+            if getattr(self, name) < 1:
+                raise ValueError(f'--{name} must be >= 1, got {getattr(self, name)}')
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f'--mask_ratio must be in [0, 1), got {self.mask_ratio}')
+        if self.cont_mask and self.mask_type == 'unstructured':
+            self.mask_type = 'time_continuous'
+        if self.loss_off and not self.is_speech:
+            raise ValueError(f'--loss_off {self.loss_off} needs an M2D-S/M2D-X model (m2d_s_vit_*, m2d_x_vit_*), '
+                             f'got --model {self.model}')
+        if self.family == 'm2d_x' and self.loss_off and not self.teacher:
+            raise ValueError('--model m2d_x_* with --loss_off > 0 needs --teacher WEIGHTS')
+        if self.optim not in ('adamw', 'sgd'):
+            raise ValueError(f'--optim must be adamw or sgd, got {self.optim!r}')
+        if self.save_freq < 1 or self.feature_eval_freq < 0 or self.save_freq_steps < 0 or self.max_steps < 0:
+            raise ValueError('--save_freq must be >= 1; --feature_eval_freq, --save_freq_steps, --max_steps >= 0')
+        return self
+
+    def to_namespace(self, **extra) -> argparse.Namespace:
+        """The ``args`` entry of a checkpoint: plain values only (loads with ``weights_only=True``)."""
+        d = dataclasses.asdict(self)
+        d['input_size'] = list(self.input_hw)  # as the reference stores them
+        d['patch_size'] = list(self.patch_hw)
+        ns = self.parsed_norm_stats()
+        d['norm_stats'] = list(ns) if ns else None
+        d.update(extra)
+        return argparse.Namespace(**d)
+
+
+def parse_size(text: str | tuple | list, option: str) -> tuple[int, int]:
+    """``'80x608'`` -> (80, 608)."""
+    if isinstance(text, (tuple, list)):
+        return int(text[0]), int(text[1])
+    m = re.fullmatch(r'\s*(\d+)\s*x\s*(\d+)\s*', str(text))
+    if not m:
+        raise ValueError(f'{option} must look like 80x608, got {text!r}')
+    return int(m[1]), int(m[2])
+
+
+def _parse_model(name: str) -> tuple[str, str]:
+    m = _MODEL_RE.match(name)
+    if not m:
+        raise ValueError(f'--model {name!r} is not one of {", ".join(MODELS)}')
+    return m['family'], m['width']
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `m2d pretrain` options (reference names), defaults from `TrainConfig`."""
+    d = TrainConfig()
+
+    def opt(group, name: str, help: str, show_default: bool = True, **kw) -> None:
+        kw.setdefault('default', getattr(d, name))
+        if 'type' not in kw and 'action' not in kw and isinstance(kw['default'], (int, float)):
+            kw['type'] = type(kw['default'])
+        group.add_argument(f'--{name}', help=help + (' (default %(default)s)' if show_default else ''), **kw)
+
+    g = parser.add_argument_group('model')
+    opt(g, 'model', '(m2d|msm_mae|m2d_s|m2d_x)_vit_(tiny|small|base|large)', metavar='MODEL')
+    opt(g, 'input_size', 'input LMS FxT')
+    opt(g, 'patch_size', 'patch PHxPW')
+    opt(g, 'sr', 'sample rate of the LMS, recorded in the run name')
+    opt(g, 'depth', "encoder depth override (default: the width's 12)", False, type=int)
+    opt(g, 'decoder_depth', 'decoder blocks')
+    opt(g, 'decoder_embed_dim', 'decoder width')
+    opt(g, 'decoder_num_heads', 'decoder heads')
+    opt(g, 'mask_ratio', 'masked fraction of patches')
+    opt(g, 'mask_type', 'mask kind', choices=('unstructured', 'structured', 'time_continuous'))
+    opt(g, 'cont_mask', 'time-continuous masks of N-time-patch spans (0: off; implies --mask_type time_continuous)')
+    g.add_argument('--no_norm_pix_loss', action='store_false', dest='norm_pix_loss',
+                   help='do not standardize the targets per patch / token')
+    opt(g, 'loss_fn', 'M2D loss', choices=('norm_mse', 'mse'))
+    opt(g, 'loss_m2d', 'M2D-S/X: weight of the M2D loss')
+    opt(g, 'loss_off', 'M2D-S/X: weight of the offline-target loss')
+    opt(g, 'off_emb_dim', 'M2D-S/X: offline target width (default: from the data or teacher)', False, type=int)
+    opt(g, 'teacher', 'M2D-X: weight file of the teacher model', False)
+
+    g = parser.add_argument_group('optimization')
+    opt(g, 'epochs', 'epochs')
+    opt(g, 'batch_size', 'batch per process; effective batch = batch_size x accum_iter x processes')
+    opt(g, 'accum_iter', 'gradient accumulation steps')
+    opt(g, 'lr', 'absolute learning rate (default: blr x effective batch / 256)', False, type=float)
+    opt(g, 'blr', 'base learning rate')
+    opt(g, 'min_lr', 'final learning rate of the cosine')
+    opt(g, 'warmup_epochs', 'linear warmup epochs', type=float)
+    opt(g, 'weight_decay', 'AdamW weight decay (none on biases, norms and 1-D parameters)')
+    opt(g, 'clip_grad', 'gradient norm clip, 0 = off')
+    opt(g, 'ema_decay_init', 'EMA decay at step 0')
+    opt(g, 'ema_decay', 'EMA decay at the last step')
+    g.add_argument('--bf16', action='store_true', help='bfloat16 autocast (CPU and GPU)')
+    opt(g, 'optim', 'adamw (betas 0.9, 0.95) or sgd (momentum 0.9, no weight decay), as the reference',
+        choices=('adamw', 'sgd'))
+    opt(g, 'max_steps', 'stop after this many loader iterations (0: run all epochs)')
+    opt(g, 'stop_at', 'stop after this epoch, keeping the schedule of --epochs (0: off)')
+
+    g = parser.add_argument_group('data')
+    opt(g, 'data_path', 'folder the CSV paths are relative to (default: guessed from the CSV location)', False)
+    opt(g, 'csv_main', 'CSV (column file_name) or folder of the LMS .npy files')
+    opt(g, 'csv_bg_noise', 'M2D-S: CSV of background-noise LMS files', False)
+    opt(g, 'noise_ratio', 'M2D-S: noise mixing ratio')
+    opt(g, 'min_ds_size', 'repeat smaller file lists up to this size')
+    opt(g, 'norm_stats', 'MEAN,STD of the LMS (default: computed from random crops)', False)
+    opt(g, 'norm_stats_samples', 'random crops used to compute the normalization statistics')
+    opt(g, 'num_workers', 'data loader workers per process')
+
+    g = parser.add_argument_group('run')
+    opt(g, 'output_dir', 'run folder (default: OUTPUT_ROOT/MODEL-FxTpPHxPWpSRk-YYMMDD-mrN)', False)
+    opt(g, 'output_root', 'parent of the default run folder')
+    opt(g, 'log_dir', 'TensorBoard folder (default: the run folder)', False)
+    opt(g, 'resume', 'continue a run: a checkpoint file, or "auto" for OUTPUT_DIR/checkpoint-last.pth if present',
+        False)
+    opt(g, 'init', 'start from the weights of a full checkpoint (fresh optimizer and schedule)', False)
+    opt(g, 'save_freq', 'write checkpoint-EPOCH.pth every N epochs (and at the end)')
+    opt(g, 'save_freq_steps', 'also write checkpoint-last.pth mid-epoch every N loader iterations (at an '
+        'optimizer step; use a multiple of --accum_iter; 0: off)')
+    opt(g, 'feature_eval_freq', 'effective rank (RankMe) of encoder features every N epochs, 0 = off')
+    opt(g, 'feature_eval_samples', 'samples of the fixed effective-rank sample')
+    opt(g, 'log_every', 'console and log.jsonl every N steps')
+    opt(g, 'seed', 'random seed')
+    opt(g, 'device', 'cpu or cuda; torchrun picks cuda:LOCAL_RANK')
+    g.add_argument('--crash_at_step', type=int, default=0, help=argparse.SUPPRESS)  # tests: SIGKILL at a step
+
+    g = parser.add_argument_group('reference options accepted and ignored')
+    for name in IGNORED_OPTIONS:
+        g.add_argument(f'--{name}', default=None, nargs='?', const=True, metavar='X', help=argparse.SUPPRESS)
+    g.add_argument('--no_pin_mem', dest='pin_mem', action='store_const', const=False, help=argparse.SUPPRESS)
+
+
+# options of the reference train_audio.py that have no effect here (accepted so old command lines run)
+IGNORED_OPTIONS = ('eval_after', 'start_epoch', 'force_start_epoch', 'pin_mem', 'world_size', 'local_rank',
+                   'local-rank', 'dist_on_itp', 'dist_url', 'csv_val', 'target_layers')
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A checked `TrainConfig` from parsed options (unknown attributes are ignored)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names}).check()

@@ -1,0 +1,103 @@
+"""Data-parallel training from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
+
+A plain ``python -m m2d pretrain`` is world size 1; ``torchrun --nproc_per_node N m2d pretrain``
+starts N processes that join a process group (gloo on CPU, nccl on GPU). Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, DistributedSampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: its rank, the number of processes, and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = 'cpu') -> DistEnv:
+    """Join the process group when torchrun started us; pick this process's device."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    dev = torch.device(device)
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise RuntimeError(f'--device {device}: CUDA is not available on this machine (use --device cpu)')
+        if world > 1 or dev.index is None:
+            dev = torch.device('cuda', local_rank if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        backend = 'nccl' if dev.type == 'cuda' else 'gloo'
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                device_id=dev if dev.type == 'cuda' else None)
+        log.info('rank %d/%d joined the %s process group on %s', rank, world, backend, dev)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The mean of a tensor over all processes (itself when alone)."""
+    if not env.distributed:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / env.world_size
+
+
+class ResumableSampler(DistributedSampler):
+    """`DistributedSampler` that can start mid-epoch and yields ``(epoch, index)`` keys.
+
+    The key lets the dataset seed each item from (seed, epoch, index) (see `m2d.train.seeding`),
+    so an item is the same whichever process or worker loads it, and whether or not the run
+    was interrupted. ``set_epoch(epoch, start)`` skips the first `start` indices of this rank.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = int(start)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.start:]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start, 0)

@@ -1,0 +1,186 @@
+"""`m2d pretrain` end to end on a tiny M2D over LMS converted from FSDD: trains, logs, loads in
+RuntimeM2D, resumes after SIGKILL to bit-identical weights, stops on a non-finite loss."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FSDD, need
+
+N_FILES = 50
+TINY = ['--model', 'm2d_vit_tiny', '--depth', '2', '--decoder_depth', '1', '--decoder_embed_dim', '128',
+        '--decoder_num_heads', '4', '--input_size', '80x208', '--min_ds_size', '0', '--feature_eval_freq', '0']
+
+
+def load_ckpt(path: Path) -> dict:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    return subprocess.run([sys.executable, '-m', 'm2d', 'pretrain', *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope='module')
+def lms_csv(tmp_path_factory) -> Path:
+    """~50 FSDD recordings converted to LMS .npy files (+ files.csv)."""
+    need(FSDD)
+    from m2d.data.convert import convert
+
+    root = tmp_path_factory.mktemp('fsdd')
+    wav = root / 'wav'
+    wav.mkdir()
+    for f in sorted(FSDD.glob('*.wav'))[::60][:N_FILES]:
+        (wav / f.name).symlink_to(f)
+    summary = convert(wav, root / 'lms', workers=0, progress=False)
+    assert summary.exit_code == 0
+    return root / 'lms' / 'files.csv'
+
+
+@pytest.fixture(scope='module')
+def trained(lms_csv, tmp_path_factory) -> Path:
+    """A 2-epoch run with computed norm_stats and the effective-rank monitor; returns the run folder."""
+    from m2d.cli import main
+
+    out = tmp_path_factory.mktemp('runs')
+    rc = main(['pretrain', *TINY, '--csv_main', str(lms_csv), '--batch_size', '8', '--epochs', '2',
+               '--warmup_epochs', '1', '--num_workers', '0', '--log_every', '2', '--feature_eval_freq', '1',
+               '--feature_eval_samples', '16', '--norm_stats_samples', '200', '--output_root', str(out),
+               '--device', 'cpu'])
+    assert rc == 0
+    (run,) = out.iterdir()
+    return run
+
+
+def test_tiny_m2d_trains_and_logs(trained):
+    from m2d.checkpoint import parse_model_name
+
+    name = parse_model_name(trained.name)
+    assert name is not None and name.model == 'm2d_vit_tiny' and name.input_size == (80, 208)
+    assert trained.name.endswith('-mr7')
+    records = [json.loads(line) for line in (trained / 'log.jsonl').read_text().splitlines()]
+    steps = [r for r in records if r['type'] == 'train']
+    epochs = [r for r in records if r['type'] == 'epoch']
+    assert [r['step'] for r in steps] == [2, 4, 6, 8, 10, 12]  # 50 files // 8 = 6 steps per epoch
+    for r in steps:
+        assert math.isfinite(r['loss']) and 0 < r['loss'] < 4  # norm_mse lies in [0, 4]
+        assert r['samples_per_s'] > 0 and 0.99995 <= r['ema_decay'] <= 0.99999 and r['grad_norm'] > 0
+    assert steps[0]['lr'] < steps[2]['lr']  # warmup, then
+    assert steps[-1]['lr'] < steps[2]['lr']  # cosine decay
+    assert [r['epoch'] for r in epochs] == [1, 2]
+    assert all(1.0 < r['effective_rank'] <= 192 for r in epochs)
+    assert (trained / 'train.log').read_text().count('step ') >= 6
+    if importlib.util.find_spec('matplotlib') is not None:
+        png = trained / 'training_curves.png'
+        assert png.exists() and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_checkpoint_container_and_runtime(trained, lms_csv):
+    from m2d import RuntimeM2D
+    from m2d.audio import load_audio
+
+    ckpt = load_ckpt(trained / 'checkpoint-2.pth')
+    assert {'model', 'optimizer', 'scaler', 'epoch', 'step', 'args', 'rng'} <= set(ckpt)
+    assert ckpt['epoch'] == 2 and ckpt['step'] == 12 and isinstance(ckpt['args'], argparse.Namespace)
+    assert ckpt['args'].input_size == [80, 208] and ckpt['args'].model == 'm2d_vit_tiny'
+    assert isinstance(ckpt['rng']['torch'], torch.Tensor)
+    sd = ckpt['model']
+    assert {'target_blocks.0.attn.qkv.weight', 'decoder_pred.weight', 'mask_token'} <= set(sd)
+    mean, std = sd['norm_stats'].tolist()
+    assert mean < -1 and 1 < std < 10  # computed from the data (log-mel), not the (0, 1) default
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+    rt = RuntimeM2D(trained / 'checkpoint-2.pth')
+    assert rt.norm_stats.tolist() == pytest.approx([mean, std])
+    torch.testing.assert_close(rt.backbone.blocks[1].mlp.fc2.weight, sd['blocks.1.mlp.fc2.weight'])
+    wav = torch.from_numpy(load_audio(sorted(FSDD.glob('*.wav'))[0], 16000))[None]
+    feats = rt.encode(wav)
+    assert feats.shape[0] == 1 and feats.shape[2] == 5 * 192 and torch.isfinite(feats).all()
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_identical(lms_csv, tmp_path):
+    common = [*TINY, '--csv_main', str(lms_csv), '--batch_size', '8', '--epochs', '2', '--warmup_epochs', '1',
+              '--log_every', '1', '--norm_stats=-2.2,4.7', '--save_freq', '1', '--save_freq_steps', '2',
+              '--device', 'cpu']
+    a = run_cli([*common, '--num_workers', '0', '--output_dir', 'a'], tmp_path)
+    assert a.returncode == 0, a.stderr[-2000:]
+    b = run_cli([*common, '--num_workers', '0', '--output_dir', 'b', '--crash_at_step', '9'], tmp_path)
+    assert b.returncode == -signal.SIGKILL, b.stderr[-2000:]
+    assert not (tmp_path / 'b' / 'checkpoint-2.pth').exists()
+    assert load_ckpt(tmp_path / 'b' / 'checkpoint-last.pth')['step'] == 8  # mid-epoch 2, iteration 2
+    # resume with loader workers this time: items do not depend on who loads them
+    r = run_cli([*common, '--num_workers', '2', '--output_dir', 'b', '--resume', 'auto'], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'resumed from' in r.stderr
+
+    ca, cb = load_ckpt(tmp_path / 'a' / 'checkpoint-2.pth'), load_ckpt(tmp_path / 'b' / 'checkpoint-2.pth')
+    assert ca['step'] == cb['step'] == 12
+    assert ca['model'].keys() == cb['model'].keys()
+    differ = [k for k in ca['model'] if not torch.equal(ca['model'][k], cb['model'][k])]
+    assert not differ, f'weights differ after resume: {differ[:5]}'
+    sa, sb = ca['optimizer']['state'], cb['optimizer']['state']
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    steps = [json.loads(x)['step'] for x in (tmp_path / 'b' / 'log.jsonl').read_text().splitlines()
+             if json.loads(x)['type'] == 'train']
+    assert steps == list(range(1, 13))  # the killed run's step 9 record was dropped on resume
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(lms_csv, tmp_path):
+    from m2d.train import NonFiniteLossError, train
+    from m2d.train.config import TrainConfig
+
+    data = tmp_path / 'lms'
+    data.mkdir()
+    for i, f in enumerate(sorted(lms_csv.parent.glob('*.npy'))[:8]):
+        np.save(data / f'{i}.npy', np.load(f))
+    kw = dict(model='m2d_vit_tiny', depth=2, decoder_depth=1, decoder_embed_dim=128, decoder_num_heads=4,
+              input_size='80x208', min_ds_size=0, feature_eval_freq=0, csv_main=str(data), batch_size=2,
+              epochs=2, norm_stats='-2.2,4.7', num_workers=0, output_dir=str(tmp_path / 'run'), device='cpu')
+    train(TrainConfig(**kw, max_steps=2))
+    last = tmp_path / 'run' / 'checkpoint-last.pth'
+    assert load_ckpt(last)['step'] == 2
+    for f in data.glob('*.npy'):  # the data goes bad
+        np.save(f, np.full_like(np.load(f), np.nan))
+    with pytest.raises(NonFiniteLossError, match=r'non-finite loss \(nan\) at step 3 .*checkpoint-last.pth'):
+        train(TrainConfig(**kw, resume='auto'))
+    good = load_ckpt(last)
+    assert good['step'] == 2
+    assert all(torch.isfinite(v).all() for v in good['model'].values() if v.is_floating_point())
+
+
+def test_init_msm_mae_and_structured_masks(trained, lms_csv, tmp_path):
+    from m2d.train import train
+    from m2d.train.config import TrainConfig
+
+    kw = dict(depth=2, decoder_depth=1, decoder_embed_dim=128, decoder_num_heads=4, input_size='80x208',
+              min_ds_size=0, feature_eval_freq=0, csv_main=str(lms_csv), batch_size=8, epochs=1, max_steps=1,
+              norm_stats='-2.2,4.7', num_workers=0, device='cpu', log_every=1)
+    # --init: all weights from a full checkpoint, fresh optimizer; with lr 0 the online weights stay
+    src = load_ckpt(trained / 'checkpoint-2.pth')['model']
+    res = train(TrainConfig(model='m2d_vit_tiny', init=str(trained / 'checkpoint-2.pth'), lr=0.0,
+                            output_dir=str(tmp_path / 'init'), **kw))
+    ck = load_ckpt(res.checkpoint)
+    assert ck['step'] == 1 and all(int(s['step']) == 1 for s in ck['optimizer']['state'].values())
+    for k in ('blocks.0.attn.qkv.weight', 'decoder_pred.weight', 'patch_embed.proj.weight'):
+        assert torch.equal(ck['model'][k], src[k])
+    assert ck['model']['norm_stats'].tolist() == pytest.approx([-2.2, 4.7])  # the data's statistics
+    # MSM-MAE and the structured mask train too
+    for model, extra in (('msm_mae_vit_tiny', {}), ('m2d_vit_tiny', {'mask_type': 'structured'})):
+        res = train(TrainConfig(model=model, output_dir=str(tmp_path / model / extra.get('mask_type', 'u')),
+                                **kw, **extra))
+        assert res.step == 1 and math.isfinite(res.loss)

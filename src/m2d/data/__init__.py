@@ -1,0 +1,27 @@
+"""Data preparation and training datasets: audio -> log-mel .npy conversion (`convert`), file
+lists (`filelist`), normalization statistics (`stats`), LMS datasets with cropping, normalization
+and noise mixing (`datasets`), the FSDD download helper (`fsdd`).
+
+Names are imported lazily, so worker processes load only what they use. `m2d.data.convert` is the
+module; the function is `m2d.data.convert.convert`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_NAMES = {
+    'ConvertSummary': 'convert', 'wav_to_lms': 'convert', 'prepare_fsdd': 'fsdd',
+    'LMSDataset': 'datasets', 'NoiseMixDataset': 'datasets', 'compute_norm_stats': 'datasets',
+    'inflate_files': 'datasets', 'log_mix_exp': 'datasets', 'read_file_list': 'datasets',
+    'list_npy_files': 'filelist', 'write_filelist': 'filelist',
+    'RunningStats': 'stats', 'lms_stats': 'stats',
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(importlib.import_module(f'.{_NAMES[name]}', __name__), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

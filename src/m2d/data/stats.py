@@ -1,0 +1,107 @@
+"""Normalization statistics (mean, std of all log-mel values) of a folder or file list, streaming:
+one file in memory at a time, accumulated in float64 with Chan's parallel update."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+
+from ..fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+_BLOCK = 1 << 22  # values per float64 block
+
+
+class RunningStats:
+    """Count, mean and sum of squared deviations of a stream of arrays (float64, numerically stable)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    def update(self, values: np.ndarray) -> None:
+        flat = np.asarray(values).reshape(-1)
+        if flat.size > _BLOCK:  # bounded float64 copies for hour-long files
+            for i in range(0, flat.size, _BLOCK):
+                self.update(flat[i:i + _BLOCK])
+            return
+        x = flat.astype(np.float64)
+        n = x.size
+        if n == 0:
+            return
+        mean = float(x.mean())
+        m2 = float(np.square(x - mean).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    def std(self, ddof: int = 1) -> float:
+        return math.sqrt(self.m2 / (self.count - ddof)) if self.count > ddof else float('nan')
+
+
+def _source_files(source: str | Path, data_root: str | Path | None) -> list[Path]:
+    from .datasets import guess_data_root, read_file_list
+    from .filelist import list_npy_files
+
+    source = Path(source)
+    if source.is_dir():
+        return [source / n for n in list_npy_files(source)]
+    if not source.is_file():
+        raise FileNotFoundError(f'{source}: no such folder or file list')
+    names = read_file_list(source)
+    root = Path(data_root) if data_root is not None else guess_data_root(source, names)
+    return [root / n for n in names]
+
+
+def lms_stats(source: str | Path, max_files: int | None = None, seed: int = 0, crop_frames: int | None = None,
+              data_root: str | Path | None = None, progress: bool = True) -> dict:
+    """Mean and std of the log-mel values of the `.npy` files in a folder or CSV list.
+
+    max_files: a random sample (seeded) of that many files. crop_frames: use one random crop per file,
+    zero-padded when shorter, as the training datasets do. Returns a JSON-ready dict with mean,
+    std (unbiased), files, values, unreadable (files skipped with a warning).
+    """
+    from tqdm import tqdm
+
+    files = _source_files(source, data_root)
+    if not files:
+        raise ValueError(f'{source}: no .npy files listed')
+    rng = random.Random(seed)
+    if max_files is not None and 0 < max_files < len(files):
+        files = rng.sample(files, max_files)
+    acc, unreadable = RunningStats(), []
+    for path in tqdm(files, desc='stats', unit='file', disable=not progress):
+        try:
+            lms = np.load(path, mmap_mode='r')
+        except Exception as e:
+            log.warning('%s: cannot load (%s); skipped', path, e)
+            unreadable.append(str(path))
+            continue
+        if crop_frames:
+            t = lms.shape[-1]
+            start = rng.randint(0, t - crop_frames) if t > crop_frames else 0
+            lms = np.asarray(lms[..., start:start + crop_frames], dtype=np.float32)
+            if lms.shape[-1] < crop_frames:
+                lms = np.pad(lms, [(0, 0)] * (lms.ndim - 1) + [(0, crop_frames - lms.shape[-1])])
+        acc.update(lms)
+    if acc.count == 0:
+        raise ValueError(f'{source}: none of the {len(files)} files could be read')
+    return {'mean': acc.mean, 'std': acc.std(ddof=1), 'files': len(files) - len(unreadable),
+            'values': acc.count, 'unreadable': len(unreadable), 'source': str(source),
+            'max_files': max_files, 'seed': seed, 'crop_frames': crop_frames}
+
+
+def write_stats_json(stats: dict, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(stats, indent=2) + '\n')
+    return path

@@ -99,7 +99,7 @@ class LogMelSpectrogram(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             spec = torch.stft(x, c.n_fft, hop_length=c.hop_length, win_length=c.win_length,
                               window=self.window, center=False, return_complex=True)
-            power = torch.view_as_real(spec).pow(2).sum(-1)  # [B, n_fft//2+1, T]
+            power = spec.real.square() + spec.imag.square()  # [B, n_fft//2+1, T]
             mel = torch.matmul(self.mel_fb, power)
             return torch.log(mel + LOG_EPS)[:, None]
 

@@ -16,10 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.config import config_from_args
+    from ..checkpoint import CheckpointError
+    from ..train.config import IGNORED_OPTIONS, config_from_args
     from ..train.loop import NonFiniteLossError, train
-
-    from ..train.config import IGNORED_OPTIONS
 
     given = [n for n in IGNORED_OPTIONS if getattr(args, n.replace('-', '_'), None) is not None]
     if given:
@@ -34,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         log.error('%s', e)
         return 3
+    except (ValueError, FileNotFoundError, CheckpointError) as e:  # bad data lists, options or weight files
+        log.error('%s', e)
+        return 2
     if result.is_main:
         print(result.checkpoint or result.output_dir)
     return 0

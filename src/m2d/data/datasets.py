@@ -185,7 +185,8 @@ class NoiseMixDataset(Dataset):
     clean, noise: `LMSDataset`s (or anything `LMSDataset` accepts; the noise set then repeats short
     clips). Each set is mean-subtracted with its own mean (computed from `n_norm_samples` crops when
     the set has no `norm_stats`); both outputs are divided by the clean set's std. The noise item is
-    drawn from a random permutation of the noise set, renewed when used up. `norm_stats` is the
+    drawn uniformly per item from torch's global generator, which the trainer seeds per sample, so
+    a resumed run mixes the same noise as an uninterrupted one. `norm_stats` is the
     clean set's (mean, std), the statistics to store with the model. The datasets given are changed
     in place (their std is set to 1), as the reference does.
     """
@@ -211,15 +212,13 @@ class NoiseMixDataset(Dataset):
             if self.noise.norm_stats is None:
                 self.noise.norm_stats = compute_norm_stats(self.noise, n_norm_samples, seed=seed + 1)
             self.noise.norm_stats = (self.noise.norm_stats[0], 1.0)
-        self._order: list[int] = []
 
     def __len__(self) -> int:
         return len(self.clean)
 
     def next_noise_index(self) -> int:
-        if not self._order:
-            self._order = torch.randperm(len(self.noise)).tolist()
-        return self._order.pop()
+        """A uniformly drawn noise item (no state kept between items: resumable and worker-independent)."""
+        return int(torch.randint(len(self.noise), ()))
 
     def mix(self, clean: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """The mixture of mean-subtracted clean and noise LMS (before the division by std)."""

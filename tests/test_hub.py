@@ -241,8 +241,10 @@ def test_unknown_name(server, tmp_path):
         hub.download(typo)
     with pytest.raises(hub.UnknownModelError, match='not a released M2D model'):
         hub.resolve_weights('no-such-model')
-    with pytest.raises(FileNotFoundError, match='neither a weight file nor a released model name'):
-        m2d.load(typo)
+    with pytest.raises(hub.UnknownModelError, match=f'Did you mean: .*{NAME}'):
+        m2d.load(typo)  # a name-like argument gets the same hint
+    with pytest.raises(FileNotFoundError, match='no such weight file'):
+        m2d.load(str(tmp_path / 'missing' / 'checkpoint-1.pth'))
     assert server.requests == [] and cache_entries(tmp_path) == []
 
 

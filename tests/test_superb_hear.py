@@ -75,3 +75,4 @@ def test_hear_api(small_ckpt):
     torch.testing.assert_close(ts[0], (torch.arange(emb.shape[1]) + 0.5) * step)
     with pytest.raises(ValueError, match='model_file_path'):
         hear.load_model('')
+

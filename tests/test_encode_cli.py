@@ -179,3 +179,12 @@ def test_encode_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert '--weights' in out and '--layers' in out and '--npz' in out
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
+    """Missing inputs and weight files end with `m2d CMD: error: ...` and status 2, not a traceback."""
+    assert main(['convert', str(tmp_path / 'missing'), str(tmp_path / 'out')]) == 2
+    assert 'm2d convert: error:' in capsys.readouterr().err
+    assert main(['encode', str(tmp_path), '--weights', str(tmp_path / 'w' / 'checkpoint-1.pth'),
+                 '--output', str(tmp_path / 'feats')]) == 2
+    assert 'no such weight file' in capsys.readouterr().err

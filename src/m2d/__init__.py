@@ -20,12 +20,6 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 def load(name_or_path: str | Path, **kwargs) -> RuntimeM2D:
     """A RuntimeM2D from a weight file path, or from a released model name (downloaded once, cached)."""
-    path = Path(name_or_path)
-    if not path.exists():
-        from .hub import resolve_weights
+    from .hub import weights_path
 
-        looks_like_path = path.suffix in ('.pth', '.pt', '.safetensors') or len(path.parts) > 1
-        if looks_like_path:
-            raise FileNotFoundError(f'{name_or_path}: no such weight file')
-        path = resolve_weights(str(name_or_path), trust=kwargs.get('trust', False))  # unknown names: a hint
-    return RuntimeM2D(path, **kwargs)
+    return RuntimeM2D(weights_path(name_or_path), **kwargs)

@@ -54,7 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s', datefmt='%H:%M:%S')
-    return int(command.run(args) or 0)
+    try:
+        return int(command.run(args) or 0)
+    except (OSError, ValueError) as e:  # user errors (missing files, bad values): one line, not a traceback
+        if ns.verbose:
+            raise
+        print(f'm2d {ns.command}: error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'm2d {ns.command}: interrupted', file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

@@ -296,6 +296,23 @@ def resolve_weights(name: str, trust: bool = False, cache: str | Path | None = N
     return download(name, cache=cache)
 
 
+WEIGHT_SUFFIXES = ('.pth', '.pt', '.safetensors')
+
+
+def weights_path(name_or_path: str | Path, cache: str | Path | None = None) -> Path:
+    """A weight file given as a path, or a released name resolved through the cache.
+
+    A missing argument that looks like a path (a folder part or a weight-file suffix) is reported as
+    a missing file; anything else is looked up as a released name (unknown names get a hint).
+    """
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    if path.suffix in WEIGHT_SUFFIXES or len(path.parts) > 1:
+        raise FileNotFoundError(f'{name_or_path}: no such weight file')
+    return resolve_weights(str(name_or_path), cache=cache)
+
+
 def list_releases(cache: str | Path | None = None) -> list[tuple[str, str, Path | None]]:
     """(name, tag, cached weight file or None) for every released model."""
     return [(name, tag, cached_weights(name, cache)) for name, tag in RELEASES.items()]

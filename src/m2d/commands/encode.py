@@ -57,8 +57,6 @@ def _error(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
     from .. import hub
@@ -77,14 +75,12 @@ def run(args: argparse.Namespace) -> int:
     if device.type == 'cuda' and not torch.cuda.is_available():
         return _error(f'--device {args.device}: CUDA is not available in this torch build or machine')
     try:
-        weights = Path(args.weights)
-        if not weights.exists():
-            weights = hub.resolve_weights(args.weights, trust=args.trust)
+        weights = hub.weights_path(args.weights)
         runtime = RuntimeM2D(weights, flat_features=args.flat, bf16=args.bf16, trust=args.trust)
         if args.compile:
             runtime.compile()
         layers = parse_layers(args.layers, runtime.cfg.depth)
-    except (CheckpointError, hub.DownloadError, hub.UnknownModelError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, hub.DownloadError, hub.UnknownModelError, ValueError) as e:
         return _error(str(e))
 
     result = encode_files(runtime, args.inputs, output_dir=args.output, npz=args.npz,

@@ -23,11 +23,9 @@ def run(args: argparse.Namespace) -> int:
         print(f'm2d export: error: {args.output}: the output name must end with .safetensors', file=sys.stderr)
         return 2
     try:
-        src = Path(args.weights)
-        if not src.exists():
-            src = hub.resolve_weights(args.weights, trust=args.trust)
+        src = hub.weights_path(args.weights)
         out = export_encoder(src, args.output, trust=args.trust)
-    except (CheckpointError, hub.DownloadError, hub.UnknownModelError) as e:
+    except (CheckpointError, FileNotFoundError, hub.DownloadError, hub.UnknownModelError) as e:
         print(f'm2d export: error: {e}', file=sys.stderr)
         return 2
     print(f'wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) from {src}')

@@ -39,25 +39,15 @@ def _is_url(source: str) -> bool:
     return '://' in source
 
 
-def download(url: str, path: Path, progress: bool = True, timeout: float = 60.0) -> Path:
-    """Download `url` to `path` atomically (with a progress bar)."""
-    import urllib.request
-
-    from tqdm import tqdm
+def download(url: str, path: Path, progress: bool = True) -> Path:
+    """Download `url` to `path`, resumable through ``path.part`` (`m2d.hub.fetch_url`)."""
+    from ..hub import DownloadError, fetch_url
 
     log.info('downloading %s', url)
     try:
-        response = urllib.request.urlopen(url, timeout=timeout)
-    except Exception as e:
-        raise OSError(f'{url}: cannot download ({e})') from e
-    with response, atomic_path(path) as tmp, open(tmp, 'wb') as f:
-        total = response.headers.get('Content-Length') if hasattr(response, 'headers') else None
-        with tqdm(total=int(total) if total else None, unit='B', unit_scale=True, desc='download',
-                  disable=not progress) as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-    return path
+        return fetch_url(url, path, desc='fsdd', progress=progress)
+    except DownloadError as e:
+        raise OSError(f'{url}: cannot download ({e})') from None
 
 
 def _extract_zip(zip_path: Path, recordings: Path) -> int:

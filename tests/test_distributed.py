@@ -20,6 +20,19 @@ TINY = ['--model', 'm2d_vit_tiny', '--depth', '2', '--decoder_depth', '1', '--de
         '--decoder_num_heads', '4', '--input_size', '80x208', '--min_ds_size', '0', '--feature_eval_freq', '0']
 
 
+def fsdd_lms(tmp_path: Path) -> Path:
+    """8 FSDD recordings converted to LMS under tmp_path/lms (with files.csv); returns that folder."""
+    need(FSDD)
+    from m2d.data.convert import convert
+
+    wav = tmp_path / 'wav'
+    wav.mkdir()
+    for f in sorted(FSDD.glob('*.wav'))[::300][:8]:
+        (wav / f.name).symlink_to(f)
+    convert(wav, tmp_path / 'lms', workers=0, progress=False)
+    return tmp_path / 'lms'
+
+
 def load_model(path: Path) -> dict[str, torch.Tensor]:
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location='cpu', weights_only=True)['model']
@@ -67,14 +80,7 @@ def test_seeded_items_do_not_depend_on_call_order():
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason='torch.distributed is not available')
 def test_torchrun_two_processes_match_one_process(tmp_path):
-    need(FSDD)
-    from m2d.data.convert import convert
-
-    wav = tmp_path / 'wav'
-    wav.mkdir()
-    for f in sorted(FSDD.glob('*.wav'))[::300][:8]:
-        (wav / f.name).symlink_to(f)
-    convert(wav, tmp_path / 'lms', workers=0, progress=False)
+    fsdd_lms(tmp_path)
     # 8 samples = one global batch per epoch; lr large enough that a wrong split would show
     common = [*TINY, '--csv_main', str(tmp_path / 'lms' / 'files.csv'), '--epochs', '2', '--warmup_epochs', '0',
               '--lr', '1e-4', '--norm_stats=-2.2,4.7', '--save_freq', '1', '--num_workers', '0', '--log_every', '1',
@@ -101,16 +107,10 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     """2 micro-batches of 4 (accum_iter 2) update the online weights as one batch of 8 does."""
-    need(FSDD)
-    from m2d.data.convert import convert
     from m2d.train import train
     from m2d.train.config import TrainConfig
 
-    wav = tmp_path / 'wav'
-    wav.mkdir()
-    for f in sorted(FSDD.glob('*.wav'))[::300][:8]:
-        (wav / f.name).symlink_to(f)
-    convert(wav, tmp_path / 'lms', workers=0, progress=False)
+    fsdd_lms(tmp_path)
     kw = dict(model='m2d_vit_tiny', depth=2, decoder_depth=1, decoder_embed_dim=128, decoder_num_heads=4,
               input_size='80x208', min_ds_size=0, feature_eval_freq=0, csv_main=str(tmp_path / 'lms' / 'files.csv'),
               epochs=1, warmup_epochs=0, lr=1e-4, norm_stats='-2.2,4.7', num_workers=0, device='cpu')

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s', datefmt='%H:%M:%S')
     try:
         return int(command.run(args) or 0)
-    except (OSError, ValueError) as e:  # user errors (missing files, bad values): one line, not a traceback
+    except (OSError, ValueError, ImportError) as e:  # user errors (CommandError, missing files, bad values,
+        # missing optional packages): one line, not a traceback
         if ns.verbose:
             raise
         print(f'm2d {ns.command}: error: {e}', file=sys.stderr)

@@ -1,0 +1,5 @@
+"""One module per `m2d` subcommand: `add_arguments(parser)` and `run(args) -> int`."""
+
+
+class CommandError(ValueError):
+    """A user error a command reports as one line, ``m2d COMMAND: error: ...`` (exit status 2)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import CommandError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('names', nargs='*', metavar='NAME', help='released model names (see --list)')
@@ -23,13 +25,12 @@ def run(args: argparse.Namespace) -> int:
             print(f'{name:<58} {tag}  {path if path else "-"}')
         return 0
     if not args.names:
-        print('m2d download: error: give model names, or --list to see them', file=sys.stderr)
-        return 2
+        raise CommandError('give model names, or --list to see them')
     status = 0
     for name in args.names:
         try:
             print(hub.download(name, cache=args.cache, progress=not args.quiet))
         except (hub.DownloadError, hub.UnknownModelError) as e:
-            print(f'm2d download: error: {e}', file=sys.stderr)
+            print(f'm2d download: error: {e}', file=sys.stderr)  # report and go on with the other names
             status = 1
     return status

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..audio import AUDIO_SUFFIXES
+from . import CommandError
 
 EPILOG = """\
 Outputs mirror the input tree: DIR/sub/clip.npy for INPUT/sub/clip.wav (a file given directly goes to
@@ -51,11 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--quiet', '-q', action='store_true', help='no progress bar')
 
 
-def _error(message: str) -> int:
-    print(f'm2d encode: error: {message}', file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -65,15 +60,15 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime import RuntimeM2D
 
     if args.batch_size < 1:
-        return _error(f'--batch-size {args.batch_size}: must be at least 1')
+        raise CommandError(f'--batch-size {args.batch_size}: must be at least 1') from None
     names = (x.strip().lower() for x in args.suffix.split(','))
     suffixes = tuple(s if s.startswith('.') else f'.{s}' for s in names if s)
     try:
         device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     except RuntimeError:
-        return _error(f'--device {args.device!r}: not a torch device (e.g. cpu, cuda, cuda:1, mps)')
+        raise CommandError(f'--device {args.device!r}: not a torch device (e.g. cpu, cuda, cuda:1, mps)') from None
     if device.type == 'cuda' and not torch.cuda.is_available():
-        return _error(f'--device {args.device}: CUDA is not available in this torch build or machine')
+        raise CommandError(f'--device {args.device}: CUDA is not available in this torch build or machine') from None
     try:
         weights = hub.weights_path(args.weights)
         runtime = RuntimeM2D(weights, flat_features=args.flat, bf16=args.bf16, trust=args.trust)
@@ -81,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             runtime.compile()
         layers = parse_layers(args.layers, runtime.cfg.depth)
     except (CheckpointError, FileNotFoundError, hub.DownloadError, hub.UnknownModelError, ValueError) as e:
-        return _error(str(e))
+        raise CommandError(str(e)) from None
 
     result = encode_files(runtime, args.inputs, output_dir=args.output, npz=args.npz,
                           batch_size=args.batch_size, layers=layers, pool=args.pool, device=device,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from . import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,13 +21,11 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError, export_encoder
 
     if Path(args.output).suffix != '.safetensors':
-        print(f'm2d export: error: {args.output}: the output name must end with .safetensors', file=sys.stderr)
-        return 2
+        raise CommandError(f'{args.output}: the output name must end with .safetensors')
     try:
         src = hub.weights_path(args.weights)
         out = export_encoder(src, args.output, trust=args.trust)
     except (CheckpointError, FileNotFoundError, hub.DownloadError, hub.UnknownModelError) as e:
-        print(f'm2d export: error: {e}', file=sys.stderr)
-        return 2
+        raise CommandError(str(e)) from None
     print(f'wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) from {src}')
     return 0

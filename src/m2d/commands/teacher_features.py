@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import CommandError
+
 EPILOG = """\
 Writes DEST/<relative path>.npz per audio file under SRC: arr_0 the log-mel spectrogram [1, 80, T]
 (16 kHz, clip zero-padded to --min_seconds), arr_1 the teacher's hidden states [1, T2, D] at 50 Hz
@@ -41,11 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--quiet', '-q', action='store_true', help='no progress bar')
 
 
-def _error(message: str) -> int:
-    print(f'm2d teacher-features: error: {message}', file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -58,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
                                      overwrite=args.overwrite, progress=not args.quiet, device=device,
                                      dtype=args.dtype, workers=args.workers)
     except (ImportError, OSError, ValueError) as e:
-        return _error(str(e))
+        raise CommandError(str(e)) from None
     if not (s.written or s.skipped or s.failed):
-        return _error(f'{args.src}: no audio files found')
+        raise CommandError(f'{args.src}: no audio files found') from None
     print(f'{s.written} written, {s.skipped} skipped, {len(s.failed)} failed; list: {s.files_csv}')
     for f, reason in s.failed[:20]:
         print(f'  failed: {f}: {reason}', file=sys.stderr)

@@ -9,6 +9,7 @@ import logging
 import sys
 
 from . import __version__
+from .errors import M2DError
 
 # subcommand -> (module under m2d.commands, one-line help)
 COMMANDS = {
@@ -22,7 +23,11 @@ COMMANDS = {
     'pretrain': ('pretrain', 'pre-train MSM-MAE / M2D / M2D-S / M2D-X (torchrun for many GPUs)'),
     'pretrain-speech': ('pretrain_speech', 'pre-train M2D-S with the speech presets'),
     'teacher-features': ('teacher_features', 'compute LMS + teacher (HuBERT) features for M2D-S'),
-    'superb': ('superb', 'install the M2D upstream into an s3prl (SUPERB) checkout'),
+    'superb': ('superb', 'SUPERB (s3prl): install the upstream, task statistics, task runs, reports'),
+    'linear-eval': ('linear_eval', 'linear evaluation of a representation on a labeled audio task or suite'),
+    'finetune': ('finetune', 'fine-tune an encoder with a classification head on a labeled audio task'),
+    'predict': ('predict', 'top-k labels of audio files with a fine-tuned weight file'),
+    'demo': ('demo', 'the whole method on a small built-in task: synthesize, pre-train, evaluate, report'),
 }
 
 
@@ -56,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s', datefmt='%H:%M:%S')
     try:
         return int(command.run(args) or 0)
-    except (OSError, ValueError, ImportError) as e:  # user errors (CommandError, missing files, bad values,
-        # missing optional packages): one line, not a traceback
+    except (M2DError, OSError, ValueError, ImportError) as e:  # user errors (M2DError, missing files, bad
+        # values, missing optional packages): one line, not a traceback
         if ns.verbose:
             raise
         print(f'm2d {ns.command}: error: {e}', file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,8 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
 
     The temporary name keeps `suffix` (default: the final suffix) so that writers that append a
     suffix (``np.save``) or check it (``soundfile``) behave. On error the temporary file is removed.
+    The file gets the mode of the file it replaces, or ``0o666 & ~umask`` when it is new (as
+    ``open()`` would give), not the 0o600 of ``mkstemp``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,10 +27,26 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits a file written to `path` should get."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
 
 
 def is_temporary(path: str | Path) -> bool:

@@ -1,0 +1,28 @@
+"""Downstream evaluation of M2D representations on labeled audio (EVAR's protocol, built in).
+
+    >>> from m2d.evaluate import load_task, linear_eval
+    >>> task = load_task('fsdd-digits', data_dir='data/fsdd')
+    >>> report = linear_eval('m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth', task)
+    >>> report['model']['mean'], report['random']['mean'], report['logmel']['mean']
+
+Modules: `tasks` (CSV/folder/built-in tasks, clip loading), `embed` (clip embeddings, cached),
+`linear` (logistic regression, `linear_eval`), `baselines`, `report` (report.json/report.md),
+`suite` (several tasks, one summary table). Fine-tuning lives in `finetune` and `predict`.
+"""
+
+from __future__ import annotations
+
+from .tasks import BUILTIN_TASKS, Clip, Task, TaskError, load_clip, load_task
+
+__all__ = ['BUILTIN_TASKS', 'Clip', 'Task', 'TaskError', 'load_clip', 'load_task', 'linear_eval', 'run_suite']
+
+
+def __getattr__(name: str):
+    # The linear evaluation pulls in torch training code; import it only when asked for.
+    if name == 'linear_eval':
+        from .linear import linear_eval
+        return linear_eval
+    if name == 'run_suite':
+        from .suite import run_suite
+        return run_suite
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from m2d.data.datasets import (EPS, LMSDataset, NoiseMixDataset, compute_norm_stats, inflate_files, log_mix_exp,
-                               read_file_list)
-from m2d.data.filelist import write_filelist
+from m2d.data.datasets import EPS, LMSDataset, NoiseMixDataset, compute_norm_stats, inflate_files, log_mix_exp
+from m2d.data.filelist import read_file_list, write_filelist
 
 
 def make_lms(folder: Path, lengths: list[int], seed: int = 0, offset: float = -8.0) -> list[Path]:

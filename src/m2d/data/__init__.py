@@ -13,8 +13,10 @@ import importlib
 _NAMES = {
     'ConvertSummary': 'convert', 'wav_to_lms': 'convert', 'prepare_fsdd': 'fsdd',
     'LMSDataset': 'datasets', 'NoiseMixDataset': 'datasets', 'compute_norm_stats': 'datasets',
-    'inflate_files': 'datasets', 'log_mix_exp': 'datasets', 'read_file_list': 'datasets',
-    'list_npy_files': 'filelist', 'write_filelist': 'filelist',
+    'inflate_files': 'datasets', 'log_mix_exp': 'datasets',
+    'DataError': 'filelist', 'MissingDataError': 'filelist', 'guess_data_root': 'filelist',
+    'list_npy_files': 'filelist', 'read_file_list': 'filelist', 'resolve_list': 'filelist',
+    'write_filelist': 'filelist',
     'RunningStats': 'stats', 'lms_stats': 'stats',
 }
 

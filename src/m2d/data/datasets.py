@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from collections.abc import Sequence
@@ -19,31 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .filelist import DataError, resolve_list
+from .stats import RunningStats
+
 log = logging.getLogger(__name__)
 
 EPS = float(torch.finfo(torch.float32).eps)
-
-
-def read_file_list(csv_path: str | Path) -> list[str]:
-    """The `file_name` column of a CSV file list."""
-    csv_path = Path(csv_path)
-    with open(csv_path, newline='') as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or 'file_name' not in reader.fieldnames:
-            raise ValueError(f'{csv_path}: a file list needs a `file_name` column (found {reader.fieldnames})')
-        return [row['file_name'] for row in reader]
-
-
-def guess_data_root(csv_path: str | Path, names: Sequence[str]) -> Path:
-    """The folder the names of a list are relative to: the CSV's folder (`data/files_x.csv` holding
-    `lms_x/...`) or its parent (`data/lms_x/files.csv` written by `m2d convert`)."""
-    csv_path = Path(csv_path).resolve()
-    candidates = [csv_path.parent, csv_path.parent.parent]
-    if names:
-        for root in candidates:
-            if (root / names[0]).exists():
-                return root
-    return candidates[0]
 
 
 def inflate_files(files: Sequence, min_size: int) -> list:
@@ -57,13 +37,7 @@ def inflate_files(files: Sequence, min_size: int) -> list:
 def _resolve_files(files: str | Path | Sequence[str | Path],
                    data_root: str | Path | None) -> tuple[list[str], Path | None]:
     if isinstance(files, (str, Path)):
-        path = Path(files)
-        if path.is_dir():
-            from .filelist import list_npy_files
-
-            return list_npy_files(path), path if data_root is None else Path(data_root)
-        names = read_file_list(path)
-        return names, Path(data_root) if data_root is not None else guess_data_root(path, names)
+        return resolve_list(files, data_root)
     return [str(f) for f in files], None if data_root is None else Path(data_root)
 
 
@@ -84,7 +58,7 @@ class LMSDataset(Dataset):
             raise ValueError(f'crop_frames={crop_frames}: must be positive')
         names, self.data_root = _resolve_files(files, data_root)
         if not names:
-            raise ValueError(f'{files if isinstance(files, (str, Path)) else "files"}: the file list is empty')
+            raise DataError(f'{files if isinstance(files, (str, Path)) else "files"}: the file list is empty')
         self.original_size = len(names)
         self.files = inflate_files(names, min_ds_size)
         if len(self.files) > len(names):
@@ -156,8 +130,6 @@ def compute_norm_stats(dataset_or_files: LMSDataset | str | Path | Sequence[str 
     short clips counts). Streams, so memory stays bounded. `crop_frames` and `data_root` apply
     when files are given; a dataset uses its own settings."""
     from tqdm import tqdm
-
-    from .stats import RunningStats
 
     ds = dataset_or_files if isinstance(dataset_or_files, LMSDataset) else \
         LMSDataset(dataset_or_files, data_root=data_root, crop_frames=crop_frames)

@@ -1,4 +1,5 @@
-"""File lists (`files.csv`, column `file_name`) of prepared log-mel `.npy` folders.
+"""File lists (`files.csv`, column `file_name`) of prepared log-mel `.npy` folders: reading,
+writing, and finding the folder their names are relative to; the errors of missing or bad data.
 
 The paths in a list are relative to the folder's parent, as the reference's lists are: a folder
 `data/lms_fsdd` gives entries like `lms_fsdd/0_george_0.npy`, used with `data_path=data`.
@@ -9,9 +10,10 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from ..errors import M2DError
 from ..fileio import atomic_path, is_temporary
 
 log = logging.getLogger(__name__)
@@ -19,12 +21,20 @@ log = logging.getLogger(__name__)
 FILES_CSV = 'files.csv'
 
 
+class DataError(M2DError, ValueError):
+    """Missing, empty or malformed training data; the message names the file or list."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A data file, folder or list that does not exist."""
+
+
 def list_npy_files(folder: str | Path) -> list[str]:
     """Relative POSIX paths of the `.npy` files under `folder` (recursive, sorted), leaving out the
     temporary files of interrupted writes."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f'{folder}: no such folder')
+        raise MissingDataError(f'{folder}: no such folder')
     found = []
     for root, dirs, names in os.walk(folder):
         dirs.sort()
@@ -33,6 +43,42 @@ def list_npy_files(folder: str | Path) -> list[str]:
             if name.endswith('.npy') and not is_temporary(name):
                 found.append((rel / name).as_posix())
     return sorted(found)
+
+
+def read_file_list(csv_path: str | Path) -> list[str]:
+    """The `file_name` column of a CSV file list."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise MissingDataError(f'{csv_path}: no such file list')
+    with open(csv_path, newline='') as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or 'file_name' not in reader.fieldnames:
+            raise DataError(f'{csv_path}: a file list needs a `file_name` column (found {reader.fieldnames})')
+        return [row['file_name'] for row in reader]
+
+
+def guess_data_root(csv_path: str | Path, names: Sequence[str]) -> Path:
+    """The folder the names of a list are relative to: the CSV's folder (`data/files_x.csv` holding
+    `lms_x/...`) or its parent (`data/lms_x/files.csv` written by `m2d convert`)."""
+    csv_path = Path(csv_path).resolve()
+    candidates = [csv_path.parent, csv_path.parent.parent]
+    if names:
+        for root in candidates:
+            if (root / names[0]).exists():
+                return root
+    return candidates[0]
+
+
+def resolve_list(source: str | Path, data_root: str | Path | None = None) -> tuple[list[str], Path]:
+    """The names a folder of `.npy` files or a CSV list holds, and the folder they are relative to
+    (`data_root` when given, else the folder itself or the one `guess_data_root` finds)."""
+    source = Path(source)
+    if source.is_dir():
+        return list_npy_files(source), Path(data_root) if data_root is not None else source
+    if not source.is_file():
+        raise MissingDataError(f'{source}: no such folder or file list')
+    names = read_file_list(source)
+    return names, Path(data_root) if data_root is not None else guess_data_root(source, names)
 
 
 def write_csv_list(names: Iterable[str], path: str | Path) -> Path:

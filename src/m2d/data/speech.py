@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import EPS, LMSDataset, NoiseMixDataset, compute_norm_stats, guess_data_root, inflate_files, \
-    log_mix_exp, read_file_list
+from .datasets import EPS, LMSDataset, NoiseMixDataset, compute_norm_stats, inflate_files, log_mix_exp
+from .filelist import DataError, guess_data_root, read_file_list
 from .stats import RunningStats
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class SpeechTeacherDataset(Dataset):
         else:
             listed = [str(f) for f in files]
         if not listed:
-            raise ValueError(f'{files if isinstance(files, (str, Path)) else "files"}: the file list is empty')
+            raise DataError(f'{files if isinstance(files, (str, Path)) else "files"}: the file list is empty')
         self.data_root = Path(data_root) if data_root is not None else None
         self.original_size = len(listed)
         self.files = inflate_files(listed, min_ds_size)
@@ -222,7 +222,7 @@ def build_speech_dataset(args: Any) -> Dataset:
     """
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     if not g('csv_main'):
-        raise ValueError('--csv_main is required: the CSV listing the speech files')
+        raise DataError('--csv_main is required: the CSV listing the speech files')
     crop = _size(g('input_size', (80, 208)), 'input_size')[1]
     pw = _size(g('patch_size', (80, 4)), 'patch_size')[1]
     root = g('data_path')
@@ -232,7 +232,7 @@ def build_speech_dataset(args: Any) -> Dataset:
     noise = None
     if ratio > 0:
         if not g('csv_bg_noise'):
-            raise ValueError(f'--noise_ratio {ratio} needs --csv_bg_noise (a CSV of background-noise LMS .npy files)')
+            raise DataError(f'--noise_ratio {ratio} needs --csv_bg_noise (a CSV of background-noise LMS .npy files)')
         noise = LMSDataset(g('csv_bg_noise'), data_root=root, crop_frames=crop, norm_stats=None,
                            random_crop=True, repeat_short=True)
     n_total = int(g('norm_stats_samples', 0) or 2 * N_NORM_SAMPLES)

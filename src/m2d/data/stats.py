@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fileio import atomic_path
+from .filelist import DataError, resolve_list
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +49,6 @@ class RunningStats:
         return math.sqrt(self.m2 / (self.count - ddof)) if self.count > ddof else float('nan')
 
 
-def _source_files(source: str | Path, data_root: str | Path | None) -> list[Path]:
-    from .datasets import guess_data_root, read_file_list
-    from .filelist import list_npy_files
-
-    source = Path(source)
-    if source.is_dir():
-        return [source / n for n in list_npy_files(source)]
-    if not source.is_file():
-        raise FileNotFoundError(f'{source}: no such folder or file list')
-    names = read_file_list(source)
-    root = Path(data_root) if data_root is not None else guess_data_root(source, names)
-    return [root / n for n in names]
-
-
 def lms_stats(source: str | Path, max_files: int | None = None, seed: int = 0, crop_frames: int | None = None,
               data_root: str | Path | None = None, progress: bool = True) -> dict:
     """Mean and std of the log-mel values of the `.npy` files in a folder or CSV list.
@@ -72,9 +59,10 @@ def lms_stats(source: str | Path, max_files: int | None = None, seed: int = 0, c
     """
     from tqdm import tqdm
 
-    files = _source_files(source, data_root)
+    names, root = resolve_list(source, data_root)
+    files = [root / n for n in names]
     if not files:
-        raise ValueError(f'{source}: no .npy files listed')
+        raise DataError(f'{source}: no .npy files listed')
     rng = random.Random(seed)
     if max_files is not None and 0 < max_files < len(files):
         files = rng.sample(files, max_files)
@@ -94,7 +82,7 @@ def lms_stats(source: str | Path, max_files: int | None = None, seed: int = 0, c
                 lms = np.pad(lms, [(0, 0)] * (lms.ndim - 1) + [(0, crop_frames - lms.shape[-1])])
         acc.update(lms)
     if acc.count == 0:
-        raise ValueError(f'{source}: none of the {len(files)} files could be read')
+        raise DataError(f'{source}: none of the {len(files)} files could be read')
     return {'mean': acc.mean, 'std': acc.std(ddof=1), 'files': len(files) - len(unreadable),
             'values': acc.count, 'unreadable': len(unreadable), 'source': str(source),
             'max_files': max_files, 'seed': seed, 'crop_frames': crop_frames}

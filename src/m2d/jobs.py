@@ -1,0 +1,583 @@
+"""One engine for jobs over many audio files: **plan -> run -> summary**.
+
+`plan` pairs each source with its output (a key, the relative path without suffix, names both),
+reports duplicate outputs and missing inputs, skips outputs already present, removes the
+temporaries of a killed run and locks the destination folder. `run` reads ahead in threads,
+batches reads that share a key, transforms in this process and writes each output atomically
+(or, with `processes`, does all three per item in worker processes that may die without taking the
+run down). A failing item never stops the others: it becomes a line of `Summary.failed`. `finish`
+writes ``DEST/<name>_failures.csv`` and ``DEST/files.csv`` and releases the lock.
+
+    p = jobs.plan('clips/', 'feats/', name='encode')
+    s = jobs.finish(jobs.run(p, read=load, transform=encode_batch, write=save, batch_key=len), p)
+    print(s)  # encode: 12 done, 0 skipped, 1 failed of 13 files in 2.1 s (6 files/s)
+
+Users (convert, encode, teacher-features, evaluation's embedding extraction) keep only their
+transform.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .audio import AUDIO_SUFFIXES
+from .errors import M2DError
+from .fileio import atomic_path, is_temporary
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = '.m2d-job.lock'
+
+
+class JobError(M2DError):
+    """A job that cannot run as asked (e.g. another job writes into its folder); names the folder."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of work."""
+
+    src: Path  # the input file
+    key: str  # relative path without suffix, POSIX ('sub/clip'); unique within a plan
+    dst: Path | None  # the output file (None when results are collected in memory)
+
+
+@dataclass
+class Plan:
+    """Source -> output pairs of one job (from `plan`)."""
+
+    name: str  # 'convert', 'encode', 'teacher', 'embed', ... (messages, CSV names)
+    todo: list[Item]
+    skipped: list[Item]  # outputs already present (not overwrite)
+    failed: list[tuple[str, str]]  # (path, reason): missing inputs, duplicate outputs, folders named like audio
+    dest: Path | None
+    found: int  # sources found
+    out_suffix: str = '.npy'
+    existing: set[str] = field(default_factory=set)  # outputs under dest before the run (relative names)
+    removed_temporaries: int = 0  # leftovers of a killed run removed from dest
+    started: float = field(default_factory=time.perf_counter)
+    lock: _DestLock | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Release the lock on `dest` (also done by `finish`, and by `run` when it raises)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+@dataclass
+class Summary:
+    """What one run did; `str()` is the one-line result."""
+
+    name: str
+    found: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (source path, reason)
+    results: dict[str, Any] = field(default_factory=dict)  # key -> output, when write was None
+    seconds: float = 0.0
+    files_csv: Path | None = None
+    failures_csv: Path | None = None
+    done_keys: list[str] = field(default_factory=list)  # keys of the items done
+    removed_temporaries: int = 0
+
+    @property
+    def files_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """1 when nothing was done and something failed, else 0."""
+        return 1 if self.done == 0 and self.failed else 0
+
+    def __str__(self) -> str:
+        return (f'{self.name}: {self.done} done, {self.skipped} skipped, {len(self.failed)} failed of {self.found} '
+                f'files in {self.seconds:.1f} s ({self.files_per_second:.0f} files/s)')
+
+
+# ----- plan ---------------------------------------------------------------------------------------
+
+def plan(inputs: str | Path | Iterable[str | Path] | None, dest: str | Path | None = None, *, name: str,
+         out_suffix: str = '.npy', suffixes: Sequence[str] = AUDIO_SUFFIXES, overwrite: bool = False,
+         items: Sequence[tuple[str | Path, str]] | None = None) -> Plan:
+    """Source -> output pairs.
+
+    `inputs`: files or folders (recursive; a folder's files are keyed by their path relative to it, a
+    file by its name). `items`: explicit (source, key) pairs instead of scanning. A key two sources
+    share is a failure for the second one. With `dest`: dst = dest/key+out_suffix, existing outputs
+    are skipped unless `overwrite`, temporaries left by a killed run are removed, and a lock on `dest`
+    is taken (released by `finish`); a second job writing into the same `dest` raises `JobError`.
+    """
+    started = time.perf_counter()
+    suffixes = tuple(('.' + s.lstrip('.')).lower() for s in suffixes)
+    if items is not None:
+        pairs, failed = [(Path(src), str(key)) for src, key in items], []
+    else:
+        pairs, failed = _scan(inputs, suffixes)
+    p = Plan(name, [], [], failed, Path(dest) if dest is not None else None, len(pairs), out_suffix, started=started)
+    if p.dest is not None:
+        p.dest.mkdir(parents=True, exist_ok=True)
+        p.lock = _DestLock(p.dest, name)  # before touching the folder: its temporaries may be another job's
+        p.existing, p.removed_temporaries = _scan_outputs(p.dest, out_suffix)
+        if p.removed_temporaries:
+            log.info('%s: removed %d temporary files left by an interrupted run', p.dest, p.removed_temporaries)
+    owner: dict[str, Path] = {}
+    for src, key in pairs:
+        out = key + out_suffix
+        if key in owner:
+            p.failed.append((str(src), f'{src}: same output {out} as {owner[key]}; not done'))
+            continue
+        owner[key] = src
+        item = Item(src, key, p.dest / out if p.dest is not None else None)
+        (p.skipped if out in p.existing and not overwrite else p.todo).append(item)
+    log.info('%s: %d files, %d to do, %d already done', name, p.found, len(p.todo), len(p.skipped))
+    return p
+
+
+def _scan(inputs, suffixes: tuple[str, ...]) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+    """(source, key) pairs of the audio files under `inputs`, and (path, reason) failures."""
+    if inputs is None:
+        inputs = []
+    elif isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    pairs, failed = [], []
+    for inp in map(Path, inputs):
+        if inp.is_file() or (inp.is_symlink() and not inp.exists()):  # a dangling link fails when read
+            pairs.append((inp, Path(inp.name).with_suffix('').as_posix()))
+        elif not inp.is_dir():
+            failed.append((str(inp), f'{inp}: no such file or folder'))
+        else:
+            found = []
+            for root, dirs, names in os.walk(inp):
+                dirs.sort()
+                rel = Path(root).relative_to(inp)
+                failed += [(str(Path(root) / d), f'{Path(root) / d}: a folder named like an audio file')
+                           for d in dirs if d.lower().endswith(suffixes)]
+                found += [(Path(root) / n, (rel / n).with_suffix('').as_posix()) for n in names
+                          if n.lower().endswith(suffixes) and not is_temporary(n)]
+            if not found:
+                failed.append((str(inp), f'{inp}: no audio files ({", ".join(suffixes)}) in this folder'))
+            pairs += sorted(found, key=lambda x: x[1])
+    return pairs, failed
+
+
+def _scan_outputs(dest: Path, out_suffix: str) -> tuple[set[str], int]:
+    """Outputs under `dest` (relative names), after removing the temporaries of killed writes."""
+    existing, removed = set(), 0
+    for root, _, names in os.walk(dest):
+        rel = Path(root).relative_to(dest)
+        for name in names:
+            if is_temporary(name):
+                try:
+                    (Path(root) / name).unlink()
+                    removed += 1
+                except OSError as e:
+                    log.warning('cannot remove the leftover %s: %s', Path(root) / name, e)
+            elif name.endswith(out_suffix):
+                existing.add((rel / name).as_posix())
+    return existing, removed
+
+
+class _DestLock:
+    """An exclusive ``flock`` on ``DEST/.m2d-job.lock`` holding the owner's pid; the file is removed on
+    release. (The lock file is the one file not written through `atomic_path`: it must stay open.)"""
+
+    def __init__(self, folder: Path, name: str):
+        self.path, self.fd = folder / LOCK_NAME, None
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors='replace').strip() or 'unknown'
+                os.close(fd)
+                raise JobError(f'{folder}: another job is writing into this folder ({holder}); '
+                               'wait for it to end or choose another output folder') from None
+            except OSError as e:  # some network file systems have no flock
+                log.warning('%s: cannot lock (%s); make sure no other job writes there', folder, e)
+                os.close(fd)
+                return
+            try:  # the holder we waited for may have removed the file: lock the one that is there now
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f'pid {os.getpid()}, m2d {name}\n'.encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked, so no other job locks a removed file
+            os.close(self.fd)
+            self.fd = None
+
+
+# ----- run ----------------------------------------------------------------------------------------
+
+def run(plan: Plan, *, read: Callable[[Item], Any], transform: Callable[[list[Any]], list[Any]] | None = None,
+        write: Callable[[Item, Any], None] | None = None, batch_key: Callable[[Any], Hashable] | None = None,
+        batch_size: int = 1, threads: int = 2, processes: int = 0, init: Callable[..., None] | None = None,
+        init_args: tuple = (), progress: bool = True, chunk_size: int | None = None,
+        main_helps: bool = True) -> Summary:
+    """Do the items of `plan`; returns the Summary (then call `finish`).
+
+    `read(item)` (in `threads` reader threads, ahead of the consumer) -> x; `transform([x, ...])` on
+    a batch of reads sharing `batch_key(x)` (up to `batch_size`), in this process -> one output per
+    input; `write(item, y)` stores it (through `fileio.atomic_path`), or when `write` is None the
+    outputs are collected in `Summary.results[key]`. `init(*init_args)` runs once before the first
+    item in each process doing items (torch's thread count is restored here afterwards).
+
+    With `processes > 0`, read+transform+write run per item in that many worker processes
+    ('spawn'; the functions must be picklable top-level functions), `chunk_size` items per task
+    (default: up to 16); while they start, this process does chunks too (unless not `main_helps`).
+    A worker that dies is replaced and its chunk retried item by item; an item that kills a worker
+    on its own fails with that reason.
+
+    An exception from read/transform/write becomes (path, reason) in `Summary.failed`; a failing
+    batch is retried item by item to isolate the culprit. KeyboardInterrupt stops the run.
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise JobError(f'batch_size={batch_size}: must be at least 1')
+    s = Summary(plan.name, plan.found, skipped=len(plan.skipped), failed=list(plan.failed),
+                removed_temporaries=plan.removed_temporaries)
+    bar = tqdm(total=len(plan.todo), unit='file', desc=plan.name, disable=not progress, dynamic_ncols=True)
+
+    def collect(item: Item, reason: str | None, result: Any = None) -> None:
+        if reason is None:
+            s.done += 1
+            s.done_keys.append(item.key)
+            if write is None:
+                s.results[item.key] = result
+        else:
+            s.failed.append((str(item.src), reason))
+            log.debug('failed: %s', reason)
+            bar.set_postfix(failed=len(s.failed), refresh=False)
+        bar.update(1)
+
+    steps = _Steps(read, transform, write)
+    local = _Local(init, init_args)
+    try:
+        if not plan.todo:
+            pass
+        elif processes > 0:
+            _run_processes(plan.todo, steps, local, collect, processes, chunk_size, main_helps)
+        else:
+            local.start()
+            _run_here(plan.todo, steps, collect, batch_key, batch_size, threads)
+    except BaseException:
+        plan.release()
+        raise
+    finally:
+        bar.close()
+        local.close()
+    s.seconds = time.perf_counter() - plan.started
+    return s
+
+
+def finish(summary: Summary, plan: Plan, *, files_csv: bool = True, failures_csv: bool = True) -> Summary:
+    """Write ``DEST/<name>_failures.csv`` (or remove a stale one) and ``DEST/files.csv`` (the outputs
+    under DEST, via `m2d.data.filelist`); release the lock; log the one-line result."""
+    try:
+        if plan.dest is not None and failures_csv:
+            path = plan.dest / f'{plan.name}_failures.csv'
+            if summary.failed:
+                with atomic_path(path) as tmp, open(tmp, 'w', newline='') as f:
+                    w = csv.writer(f)
+                    w.writerow(['file', 'reason'])
+                    w.writerows(sorted(summary.failed))
+                summary.failures_csv = path
+            elif path.exists():
+                path.unlink()  # the report of an earlier run whose failures are done now
+        if plan.dest is not None and files_csv:
+            from .data.filelist import FILES_CSV, write_filelist
+
+            names = plan.existing | {k + plan.out_suffix for k in summary.done_keys}
+            summary.files_csv = write_filelist(plan.dest, plan.dest / FILES_CSV, names=names)
+    finally:
+        plan.release()
+    summary.seconds = time.perf_counter() - plan.started
+    log.info('%s', summary)
+    return summary
+
+
+def _reason(item: Item, e: BaseException | str) -> str:
+    """A one-line failure reason naming the file."""
+    if isinstance(e, MemoryError):
+        text = 'out of memory'
+    elif isinstance(e, (str, M2DError)):
+        text = str(e)
+    else:
+        text = f'{type(e).__name__}: {e}'
+    return text if str(item.src) in text else f'{item.src}: {text}'
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """read / transform / write of one job (pickled once into each worker process)."""
+
+    read: Callable[[Item], Any]
+    transform: Callable[[list[Any]], list[Any]] | None
+    write: Callable[[Item, Any], None] | None
+
+    def apply(self, xs: list[Any]) -> list[Any]:
+        if self.transform is None:
+            return xs
+        ys = list(self.transform(xs))
+        if len(ys) != len(xs):
+            raise RuntimeError(f'the transform gave {len(ys)} outputs for {len(xs)} inputs')
+        return ys
+
+    def one(self, item: Item) -> tuple[str | None, Any]:
+        """(None, output or None when written) or (reason, None): read, transform, write one item."""
+        try:
+            y = self.apply([self.read(item)])[0]
+            if self.write is None:
+                return None, y
+            self.write(item, y)
+            return None, None
+        except Exception as e:  # includes MemoryError; a bad input must never stop the run
+            return _reason(item, e), None
+
+
+class _Local:
+    """Doing items in this process: `init` once on first use; torch's thread count restored at the end."""
+
+    def __init__(self, init: Callable[..., None] | None, init_args: tuple):
+        self.init, self.args, self.threads = init, init_args, None
+
+    def start(self) -> None:
+        if self.threads is None:
+            import torch
+
+            self.threads = torch.get_num_threads()
+            if self.init is not None:
+                self.init(*self.args)
+
+    def close(self) -> None:
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
+
+
+# ----- in this process: reader threads, batcher, transform, writer --------------------------------
+
+def _read_ahead(items: Sequence[Item], read: Callable[[Item], Any], threads: int, window: int
+                ) -> Iterator[tuple[Item, Any, Exception | None]]:
+    """(item, x, None) or (item, None, exception) in order, reading up to `window` items ahead."""
+    def load(item: Item) -> tuple[Any, Exception | None]:
+        try:
+            return read(item), None
+        except Exception as e:  # reported per item; the run goes on
+            return None, e
+
+    pool = ThreadPoolExecutor(max_workers=max(1, threads))
+    try:
+        pending: deque[tuple[Item, Future]] = deque()
+        for item in items:
+            pending.append((item, pool.submit(load, item)))
+            if len(pending) >= window:
+                done, fut = pending.popleft()
+                yield done, *fut.result()
+        while pending:
+            done, fut = pending.popleft()
+            yield done, *fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_here(items: Sequence[Item], steps: _Steps, collect: Callable, batch_key: Callable | None,
+              batch_size: int, threads: int) -> None:
+    def do(batch: list[tuple[Item, Any]]) -> None:
+        try:
+            ys = steps.apply([x for _, x in batch])
+        except Exception as e:
+            if len(batch) > 1:  # find the culprit (or survive an out-of-memory batch) one item at a time
+                log.debug('a batch of %d failed (%s); retrying item by item', len(batch), e)
+                for one in batch:
+                    do([one])
+            else:
+                collect(batch[0][0], _reason(batch[0][0], e))
+            return
+        for (item, _), y in zip(batch, ys):
+            if steps.write is None:
+                collect(item, None, y)
+                continue
+            try:
+                steps.write(item, y)
+            except Exception as e:
+                collect(item, _reason(item, e))
+            else:
+                collect(item, None)
+
+    groups: dict[Hashable, list[tuple[Item, Any]]] = {}  # batch key -> reads waiting for a batch
+    waiting = 0
+    window = max(2 * batch_size, 8, 2 * threads)
+    for item, x, error in _read_ahead(items, steps.read, threads, window):
+        if error is not None:
+            collect(item, _reason(item, error))
+            continue
+        key = batch_key(x) if batch_key is not None else None
+        group = groups.setdefault(key, [])
+        group.append((item, x))
+        waiting += 1
+        if len(group) == batch_size:
+            waiting -= len(group)
+            do(groups.pop(key))
+        elif waiting > 4 * batch_size:  # many keys: run the largest group
+            largest = max(groups, key=lambda k: len(groups[k]))
+            waiting -= len(groups[largest])
+            do(groups.pop(largest))
+    for key in list(groups):
+        do(groups.pop(key))
+
+
+# ----- in worker processes ------------------------------------------------------------------------
+
+def _worker_loop(tasks, results, steps: _Steps, init: Callable[..., None] | None, init_args: tuple) -> None:
+    """A worker process: announce readiness, then do chunks until told to stop."""
+    if init is not None:
+        init(*init_args)
+    pid = os.getpid()
+    results.put(('ready', pid, -1, None))
+    while (task := tasks.get()) is not None:
+        k, chunk = task
+        results.put(('start', pid, k, None))
+        results.put(('done', pid, k, [steps.one(item) for item in chunk]))
+
+
+class _Workers:
+    """A set of worker processes with their own task and result queues."""
+
+    def __init__(self, n: int, steps: _Steps, init: Callable[..., None] | None, init_args: tuple):
+        ctx = mp.get_context('spawn')
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.procs: dict[int, mp.process.BaseProcess] = {}
+        for _ in range(n):
+            p = ctx.Process(target=_worker_loop, args=(self.tasks, self.results, steps, init, init_args), daemon=True)
+            p.start()
+            self.procs[p.pid] = p
+        self.ready: set[int] = set()
+
+    def dead(self) -> list[mp.process.BaseProcess]:
+        return [p for p in self.procs.values() if not p.is_alive()]
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.terminate()
+        for p in self.procs.values():
+            p.join()
+        for q in (self.tasks, self.results):
+            q.cancel_join_thread()
+            q.close()
+
+
+def _remove_partial_outputs(items: Iterable[Item]) -> None:
+    """Remove the temporary files a killed worker may have left for these outputs."""
+    for item in items:
+        if item.dst is not None:
+            for tmp in item.dst.parent.glob(f'.{glob.escape(item.dst.name)}.*'):
+                if is_temporary(tmp):
+                    tmp.unlink(missing_ok=True)
+
+
+def _run_processes(todo: list[Item], steps: _Steps, local: _Local, collect: Callable, workers: int,
+                   chunk_size: int | None, main_helps: bool) -> None:
+    """Worker processes ('spawn') take chunks of items from a queue. While they start (importing
+    torch takes seconds), this process does chunks itself, so small jobs finish without waiting.
+    When a worker dies (a crash in a decoder, a kill), its queues may be left locked, so all workers
+    are replaced; the chunk it held is retried item by item, and an item that kills a worker on its
+    own fails with that reason. Workers are terminated at the end rather than torn down one by one.
+    """
+    def here(chunk: list[Item]) -> None:
+        local.start()
+        for item in chunk:
+            collect(item, *steps.one(item))
+
+    def done(chunk: list[Item], outcomes: list[tuple[str | None, Any]]) -> None:
+        for item, (reason, result) in zip(chunk, outcomes):
+            collect(item, reason, result)
+
+    workers = min(workers, len(todo))
+    size = chunk_size or max(1, min(16, len(todo) // (workers * 8)))
+    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+    pending = list(range(len(chunks)))[::-1]  # a stack: pop() gives the next chunk
+    sent: dict[int, int | None] = {}  # chunk -> pid of the worker doing it (None: queued)
+    failed_starts = 0
+    pool: _Workers | None = _Workers(workers, steps, local.init, local.args)
+    try:
+        while pending or sent:
+            while pending and pool.ready and len(sent) < 2 * len(pool.ready):
+                k = pending.pop()
+                sent[k] = None
+                pool.tasks.put((k, chunks[k]))
+            wait = 0.5
+            if pending and main_helps and len(pool.ready) < len(pool.procs):
+                here(chunks[pending.pop()])  # the workers are still starting: work here meanwhile
+                wait = 0.0
+            while True:
+                try:
+                    kind, pid, k, payload = pool.results.get(timeout=wait) if wait else pool.results.get_nowait()
+                except queue.Empty:
+                    break
+                wait = 0.0
+                if kind == 'ready':
+                    pool.ready.add(pid)
+                elif kind == 'start':
+                    sent[k] = pid
+                elif kind == 'done':
+                    sent.pop(k, None)
+                    done(chunks[k], payload)
+            dead = pool.dead()
+            if not dead:
+                continue
+            pool.stop()
+            for p in dead:
+                log.warning('a worker process died (exit code %s); restarting the workers', p.exitcode)
+                failed_starts += p.pid not in pool.ready
+                for k in [k for k, owner in sent.items() if owner == p.pid]:
+                    del sent[k]
+                    _remove_partial_outputs(chunks[k])
+                    if len(chunks[k]) > 1:  # find the culprit: retry its items one by one
+                        for item in chunks[k][::-1]:
+                            chunks.append([item])
+                            pending.append(len(chunks) - 1)
+                    else:
+                        item = chunks[k][0]
+                        collect(item, _reason(item, f'the worker process died (exit code {p.exitcode}) '
+                                                    'while doing this file'))
+            for k in sent:  # queued or held by a worker stopped mid-write: redo
+                _remove_partial_outputs(chunks[k])
+            pending.extend(sorted(sent, reverse=True))
+            sent.clear()
+            main_helps = False  # never risk this process on an item that may crash
+            if failed_starts >= 2:
+                log.warning('worker processes fail to start; working in this process')
+                pool = None
+                while pending:
+                    here(chunks[pending.pop()])
+                break
+            pool = _Workers(workers, steps, local.init, local.args)
+    finally:
+        if pool is not None:
+            pool.stop()

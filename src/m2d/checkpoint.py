@@ -265,7 +265,8 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     sd, meta = read_state_dict(path, trust=trust)
     sd = normalize_keys(sd)
     st_meta = meta.get('metadata', {})
-    name = parse_model_name(st_meta['m2d_name']) if 'm2d_name' in st_meta else name_from_path(path)
+    m2d_name = st_meta.get('m2d_name') or meta.get('m2d_name')  # safetensors metadata, or a key of a fine-tuned .pth
+    name = (parse_model_name(m2d_name) if isinstance(m2d_name, str) else None) or name_from_path(path)
     if name is None:
         log.warning('%s: the folder name does not encode the model (MODEL-FxTpPHxPW-...); geometry is taken '
                     'from the tensors and the sample rate is assumed to be 16 kHz', path)

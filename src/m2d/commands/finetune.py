@@ -1,0 +1,119 @@
+"""`m2d finetune --weights W (--task NAME | --csv FILE) --data_dir DIR`: fine-tune with EVAR's head."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import CommandError
+
+EPILOG = """\
+The encoder and a BatchNorm + Linear head are trained end to end as EVAR's finetune.py does (SGD,
+warmup + cosine, mixup, random resize crop, SpecAugment, optional structured patch masking); the
+best-validation checkpoint is tested and saved as OUTPUT_DIR/<model>-<task>/weights_best.pth, which
+`m2d predict`, RuntimeM2D(path, num_classes=C) and the reference's runtimes load. Reports:
+OUTPUT_DIR/report.json, report.md, learning_curves.png (default OUTPUT_DIR: eval/<weights>/<task>/finetune).
+
+examples:
+  m2d finetune --weights m2d_vit_base-80x608p16x16-221006-mr7 --task fsdd-digits --data_dir data/fsdd \\
+      --epochs 20 --lr 0.5 --batch_size 32
+  # EVAR: python finetune.py config/m2d.yaml esc50 weight_file=W --lr 0.5 --freq_mask 0 --time_mask 0
+  #       --training_mask 0.5 --mixup 0.0 --rrc True --seed 0
+  m2d finetune --weights W --csv evar/metadata/esc50.csv --data_dir work/16k/esc50 --unit_sec 5 \\
+      --lr 0.5 --freq_mask 0 --time_mask 0 --training_mask 0.5 --mixup 0.0 --rrc True --seed 0 --norm_stats auto
+  m2d finetune --weights W --csv vc1.csv --data_dir work/16k/vc1 --unit_sec 8.2 --optim adamw --lr 0.001 \\
+      --freq_mask 0 --time_mask 0 --training_mask 0.0 --mixup 0.0 --rrc False --seed 0
+"""
+
+TRUE, FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
+
+
+def boolean(value: str) -> bool:
+    """``True``/``False`` (EVAR's ``--rrc True``), also 1/0, yes/no, on/off."""
+    v = str(value).strip().lower()
+    if v in TRUE:
+        return True
+    if v in FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f'expected True or False, got {value!r}')
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """Task selection, as `m2d linear-eval`: --task NAME --data_dir DIR | --csv FILE --data_dir DIR | --data_dir DIR."""
+    g = parser.add_argument_group('task')
+    g.add_argument('--task', default=None, metavar='NAME', help='built-in task: fsdd-digits or fsdd-speakers')
+    g.add_argument('--csv', default=None, metavar='FILE',
+                   help='task CSV with columns file_name,label[,split] (EVAR metadata files work as they are)')
+    g.add_argument('--data_dir', '--data-dir', dest='data_dir', default=None, metavar='DIR',
+                   help='audio folder: the CSV file names are relative to it; alone, its sub-folders are the classes')
+    g.add_argument('--unit_sec', '--unit-sec', dest='unit_sec', type=float, default=None, metavar='S',
+                   help='clip length in seconds (crop/zero-pad); default the longest clip, at most 10 s')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument('--weights', '-w', required=True, metavar='NAME_OR_PATH',
+                        help='a released model name or a weight file (.pth, .safetensors, an m2d pretrain checkpoint)')
+    add_task_arguments(parser)
+    o = parser.add_argument_group('training (defaults: EVAR config/m2d.yaml)')
+    o.add_argument('--lr', type=float, default=2.0, help='peak learning rate (default %(default)s)')
+    o.add_argument('--optim', choices=['sgd', 'adamw', 'lars'], default='sgd', help='optimizer (default sgd, momentum 0.9)')
+    o.add_argument('--batch_size', '--batch-size', dest='batch_size', type=int, default=128,
+                   help='clips per step (default %(default)s)')
+    o.add_argument('--epochs', type=int, default=200, help='training epochs (default %(default)s)')
+    o.add_argument('--warmup_epochs', '--warmup-epochs', dest='warmup_epochs', type=float, default=5.0,
+                   help='linear warmup epochs before the cosine decay (default %(default)s)')
+    o.add_argument('--patience', '--early_stop_epochs', '--early-stop-epochs', dest='patience', type=int, default=0,
+                   help='stop after N epochs without a better validation score (default 0: train every epoch, '
+                        'keep the best, as EVAR)')
+    o.add_argument('--mixup', type=float, default=0.5, metavar='ALPHA', help='mixup Beta α; 0 disables (default %(default)s)')
+    o.add_argument('--rrc', type=boolean, nargs='?', const=True, default=True, metavar='True|False',
+                   help='random resize crop of the log-mel input (default True)')
+    o.add_argument('--freq_mask', '--freq-mask', dest='freq_mask', type=int, default=30,
+                   help='SpecAugment frequency band, up to N mel bins; 0 disables (default %(default)s)')
+    o.add_argument('--time_mask', '--time-mask', dest='time_mask', type=int, default=192,
+                   help='SpecAugment time band, up to N frames; 0 disables (default %(default)s)')
+    o.add_argument('--training_mask', '--training-mask', dest='training_mask', type=float, default=0.0,
+                   help='structured patch mask ratio while training; > 0 also makes the features flat (D per patch) '
+                        '(default %(default)s)')
+    o.add_argument('--weight_decay', '--weight-decay', dest='weight_decay', type=float, default=None,
+                   help='default 0 (sgd, lars) or 1e-4 (adamw)')
+    o.add_argument('--norm_stats', '--norm-stats', dest='norm_stats', default=None, metavar='auto|MEAN,STD',
+                   help='log-mel normalization: default the weight file\'s; auto = train split (as EVAR)')
+    o.add_argument('--seed', type=int, default=0, help='seed of the split, order, augmentations, head init')
+    r = parser.add_argument_group('run')
+    r.add_argument('--output_dir', '--output-dir', dest='output_dir', default=None, metavar='DIR',
+                   help='where the reports and the checkpoint go (default eval/<weights>/<task>/finetune)')
+    r.add_argument('--device', default=None, help='torch device (default cuda if available, else cpu)')
+    r.add_argument('--bf16', action='store_true', help='bfloat16 autocast for the encoder (GPUs, recent CPUs)')
+    r.add_argument('--workers', type=int, default=0,
+                   help='DataLoader processes reading audio; 0 reads each clip once and keeps it in memory (default)')
+    r.add_argument('--trust', action='store_true', help='allow weight files that need code to unpickle')
+    r.add_argument('--quiet', '-q', action='store_true', help='no progress bars')
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import hub
+    from ..checkpoint import CheckpointError
+    from ..evaluate.finetune import FinetuneSettings, finetune
+    from ..evaluate.tasks import load_task
+
+    settings = FinetuneSettings(
+        lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        optim=args.optim, mixup=args.mixup, rrc=args.rrc, freq_mask=args.freq_mask, time_mask=args.time_mask,
+        training_mask=args.training_mask, patience=args.patience, seed=args.seed, norm_stats=args.norm_stats,
+        weight_decay=args.weight_decay, bf16=args.bf16, device=args.device, workers=args.workers,
+        trust=args.trust, progress=not args.quiet)
+    settings.check()  # option errors before the data is read
+    task = load_task(args.task, csv=args.csv, data_dir=args.data_dir, unit_sec=args.unit_sec, seed=args.seed)
+    try:
+        weights = hub.weights_path(args.weights)
+    except (FileNotFoundError, hub.DownloadError, hub.UnknownModelError) as e:
+        raise CommandError(str(e)) from None
+    try:
+        report = finetune(weights, task, args.output_dir, settings)
+    except CheckpointError as e:
+        raise CommandError(str(e)) from None
+    print(f'{task.name}: test {report["metric"]} {report["test"]:.4f} (best valid {report["valid_best"]:.4f} at '
+          f'epoch {report["best_epoch"]}); checkpoint {report["checkpoint"]}; report {report["output_dir"]}/report.md')
+    return 0

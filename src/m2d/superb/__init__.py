@@ -1,5 +1,12 @@
-"""SUPERB (s3prl) upstream for M2D: the expert, its hub entries and an installer."""
+"""SUPERB (s3prl) for M2D: the upstream experts, their installer, task statistics, task runs and reports."""
 
-from .expert import CalcNormExpert, UpstreamExpert, parse_ckpt_arg
+from ..errors import M2DError
 
-__all__ = ['UpstreamExpert', 'CalcNormExpert', 'parse_ckpt_arg']
+
+class SuperbError(M2DError, ValueError):
+    """A SUPERB user error (a wrong -k string, task, s3prl folder or result folder), in one line."""
+
+
+from .expert import CalcNormExpert, UpstreamExpert, parse_ckpt_arg  # noqa: E402
+
+__all__ = ['SuperbError', 'UpstreamExpert', 'CalcNormExpert', 'parse_ckpt_arg']

@@ -1,5 +1,6 @@
 """`m2d pretrain` end to end on a tiny M2D over LMS converted from FSDD: trains, logs, loads in
-RuntimeM2D, resumes after SIGKILL to bit-identical weights, stops on a non-finite loss."""
+RuntimeM2D, resumes after SIGKILL to bit-identical weights, stops on a non-finite loss (exit status 3),
+and leaves no run folder when it fails to start."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +31,44 @@ def load_ckpt(path: Path) -> dict:
         return torch.load(path, map_location='cpu', weights_only=True)
 
 
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+
+# `m2d pretrain` whose process announces step STOP_AT (a file named 'at-step-STOP_AT') and then waits to be killed
+PAUSING_PRETRAIN = """
+import argparse, pathlib, sys, time
+from m2d.commands import pretrain
+from m2d.train.config import config_from_args
+from m2d.train.loop import train
+
+stop_at = int(sys.argv[1])
+def pause(step):
+    if step == stop_at:
+        pathlib.Path(f'at-step-{step}').touch()
+        time.sleep(600)
+
+parser = argparse.ArgumentParser()
+pretrain.add_arguments(parser)
+train(config_from_args(parser.parse_args(sys.argv[2:])), on_step=pause)
+"""
+
+
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    return subprocess.run([sys.executable, '-m', 'm2d', 'pretrain', *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, '-m', 'm2d', 'pretrain', *args], cwd=cwd, env=ENV, capture_output=True,
                           text=True, timeout=300)
+
+
+def kill_at_step(step: int, args: list[str], cwd: Path) -> int:
+    """Run pretrain until it has done `step` micro-steps, then SIGKILL it, as a crash would; returns its status."""
+    proc = subprocess.Popen([sys.executable, '-c', PAUSING_PRETRAIN, str(step), *args], cwd=cwd, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (cwd / f'at-step-{step}').exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, 'the run never reached the step'
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    return proc.returncode
 
 
 @pytest.fixture(scope='module')
@@ -119,8 +155,7 @@ def test_sigkill_and_resume_is_bit_identical(lms_csv, tmp_path):
               '--device', 'cpu']
     a = run_cli([*common, '--num_workers', '0', '--output_dir', 'a'], tmp_path)
     assert a.returncode == 0, a.stderr[-2000:]
-    b = run_cli([*common, '--num_workers', '0', '--output_dir', 'b', '--crash_at_step', '9'], tmp_path)
-    assert b.returncode == -signal.SIGKILL, b.stderr[-2000:]
+    assert kill_at_step(9, [*common, '--num_workers', '0', '--output_dir', 'b'], tmp_path) == -signal.SIGKILL
     assert not (tmp_path / 'b' / 'checkpoint-2.pth').exists()
     assert load_ckpt(tmp_path / 'b' / 'checkpoint-last.pth')['step'] == 8  # mid-epoch 2, iteration 2
     # resume with loader workers this time: items do not depend on who loads them
@@ -140,7 +175,8 @@ def test_sigkill_and_resume_is_bit_identical(lms_csv, tmp_path):
     assert steps == list(range(1, 13))  # the killed run's step 9 record was dropped on resume
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(lms_csv, tmp_path):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(lms_csv, tmp_path, capsys):
+    from m2d.cli import main
     from m2d.train import NonFiniteLossError, train
     from m2d.train.config import TrainConfig
 
@@ -158,6 +194,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(lms_csv, tmp_path)
         np.save(f, np.full_like(np.load(f), np.nan))
     with pytest.raises(NonFiniteLossError, match=r'non-finite loss \(nan\) at step 3 .*checkpoint-last.pth'):
         train(TrainConfig(**kw, resume='auto'))
+    # the command line: one line and exit status 3
+    argv = [f'--{k}={v}' for k, v in kw.items()]
+    assert main(['pretrain', *argv, '--resume', 'auto']) == 3
+    err = capsys.readouterr().err
+    assert 'm2d pretrain: error: non-finite loss (nan) at step 3' in err and 'Traceback' not in err
     good = load_ckpt(last)
     assert good['step'] == 2
     assert all(torch.isfinite(v).all() for v in good['model'].values() if v.is_floating_point())
@@ -184,3 +225,32 @@ def test_init_msm_mae_and_structured_masks(trained, lms_csv, tmp_path):
         res = train(TrainConfig(model=model, output_dir=str(tmp_path / model / extra.get('mask_type', 'u')),
                                 **kw, **extra))
         assert res.step == 1 and math.isfinite(res.loss)
+
+
+@pytest.mark.parametrize('bad, message', [
+    (['--csv_main', 'missing.csv'], 'missing.csv: no such'),
+    (['--model', 'm2d_vit_huge'], "--model 'm2d_vit_huge'"),
+    (['--init', 'nothing.pth'], 'nothing.pth'),
+    (['--batch_size', '64'], 'fewer than --batch_size 64'),
+    (['--eval', 'fsdd-digits'], '--eval fsdd-digits needs --eval_data_dir'),
+    (['--eval', 'suite.toml'], 'no such suite file'),
+])
+def test_failed_start_leaves_no_run_folder(lms_csv, tmp_path, monkeypatch, capsys, bad, message):
+    from m2d.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / 'lms'  # 8 files
+    data.mkdir()
+    for f in sorted(lms_csv.parent.glob('*.npy'))[:8]:
+        (data / f.name).symlink_to(f)
+    argv = [*TINY, '--csv_main', str(data), '--batch-size', '4', '--epochs', '1', '--norm_stats=-2.2,4.7',
+            '--num_workers', '0', '--device', 'cpu']
+    assert main(['pretrain', *argv, *bad]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count('\n') == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['lms']  # no runs/ folder, no run folder
+    # the same options without the bad one: the run folder appears under runs/ (the default root)
+    assert main(['pretrain', *argv, '--max_steps', '1']) == 0
+    (run,) = (tmp_path / 'runs').iterdir()
+    assert (run / 'checkpoint-last.pth').is_file()
+    assert 'training set' in (run / 'train.log').read_text()  # logged before the folder existed

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.verbose:
             raise
         print(f'm2d {ns.command}: error: {e}', file=sys.stderr)
-        return 2
+        return getattr(e, 'exit_code', 2)
     except KeyboardInterrupt:
         print(f'm2d {ns.command}: interrupted', file=sys.stderr)
         return 130

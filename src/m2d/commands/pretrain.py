@@ -10,32 +10,36 @@ from ..train.config import add_arguments as _add_arguments
 
 log = logging.getLogger(__name__)
 
+EPILOG = """\
+examples:
+  m2d convert AudioSet/ data/audioset_lms --min-seconds 6.1
+  m2d pretrain --csv_main data/audioset_lms/files.csv --data_path data --batch_size 512 --bf16
+  m2d pretrain --model m2d_vit_tiny --input_size 80x208 --csv_main data/fsdd_lms/files.csv --epochs 20 \\
+      --eval fsdd-digits --eval_data_dir data/fsdd --eval_every 5
+  torchrun --nproc_per_node 4 -m m2d pretrain --csv_main data/audioset_lms/files.csv --resume auto \\
+      --output_dir runs/m2d_vit_base-80x608p16x16-240101-mr7
+
+The run folder (default runs/MODEL-FxTpPHxPWpSRk-YYMMDD-mrN) is created once the data and the
+model are built; it receives checkpoint-EPOCH.pth, checkpoint-last.pth, log.jsonl, train.log,
+training_curves.png and, with --eval, eval/epoch-N/ and eval_summary.md.
+exit status: 0 done, 2 bad options or data, 3 non-finite loss (the last good checkpoint is named).
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_arguments(parser)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import CheckpointError
     from ..train.config import IGNORED_OPTIONS, config_from_args
-    from ..train.loop import NonFiniteLossError, train
+    from ..train.loop import train
 
-    given = [n for n in IGNORED_OPTIONS if getattr(args, n.replace('-', '_'), None) is not None]
+    given = [n for n in IGNORED_OPTIONS if getattr(args, n, None) is not None]
     if given:
         log.warning('ignored reference options (no effect here): %s', ', '.join(f'--{n}' for n in given))
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        log.error('%s', e)
-        return 2
-    try:
-        result = train(cfg)
-    except NonFiniteLossError as e:
-        log.error('%s', e)
-        return 3
-    except (ValueError, FileNotFoundError, CheckpointError) as e:  # bad data lists, options or weight files
-        log.error('%s', e)
-        return 2
+    result = train(config_from_args(args))
     if result.is_main:
         print(result.checkpoint or result.output_dir)
     return 0

@@ -38,7 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if action.dest in SPEECH_DEFAULTS and action.help and '%(default)s' not in action.help:
             text, n = re.subn(r'\(default[^)]*\)', f'(default {SPEECH_DEFAULTS[action.dest]})', action.help)
             action.help = text if n else f'{text} (default {SPEECH_DEFAULTS[action.dest]})'
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
 
 

@@ -3,7 +3,8 @@
 Option names follow the reference ``train_audio.py`` so existing command lines keep working;
 defaults are the reference's M2D defaults (input 80x608, patch 16x16, mask 0.7, 300 epochs,
 warmup 20, batch 512 per process, blr 3e-4, weight decay 0.05, clip 3.0, EMA 0.99995 -> 0.99999,
-decoder 8 blocks of 512-d with 16 heads).
+decoder 8 blocks of 512-d with 16 heads). Every option also has a ``--kebab-case`` spelling.
+Bad values raise `ConfigError` naming the option.
 """
 
 from __future__ import annotations
@@ -18,12 +19,19 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import ModelName
+from ..errors import M2DError
 from ..vit import WIDTHS
 
 # model-name prefix -> model kind of m2d.models.create_model
 FAMILIES = {'m2d': 'm2d', 'msm_mae': 'msm_mae', 'm2d_s': 'm2d_s', 'm2d_x': 'm2d_s'}
 _MODEL_RE = re.compile(r'^(?P<family>m2d_s|m2d_x|msm_mae|m2d)_vit_(?P<width>tiny|small|base|large)$')
 MODELS = tuple(f'{f}_vit_{w}' for f in FAMILIES for w in WIDTHS)
+EVAL_TASKS = ('fsdd-digits', 'fsdd-speakers')  # built-in tasks of `m2d linear-eval --task`
+SUITE_SUFFIXES = ('.toml', '.yaml', '.yml')
+
+
+class ConfigError(M2DError, ValueError):
+    """An inconsistent or malformed pre-training option; the message names it."""
 
 
 @dataclass
@@ -75,7 +83,7 @@ class TrainConfig:
     num_workers: int = 8
     # run
     output_dir: str = ''
-    output_root: str = '.'
+    output_root: str = 'runs'
     log_dir: str = ''
     resume: str = ''
     init: str = ''
@@ -86,7 +94,10 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 0
     device: str = field(default_factory=lambda: 'cuda' if torch.cuda.is_available() else 'cpu')
-    crash_at_step: int = 0  # testing only: SIGKILL this process after that many micro-steps
+    # evaluation of checkpoints (m2d linear-eval in a separate process)
+    eval: str = ''
+    eval_data_dir: str = ''
+    eval_every: int = 0
 
     # ----- derived ---------------------------------------------------------------------------
 
@@ -102,7 +113,7 @@ class TrainConfig:
     def sample_rate(self) -> int:
         m = re.fullmatch(r'(\d+)k?', self.sr)
         if not m:
-            raise ValueError(f'--sr must look like 16k or 32k, got {self.sr!r}')
+            raise ConfigError(f'--sr must look like 16k or 32k, got {self.sr!r}')
         return int(m[1]) * (1000 if self.sr.endswith('k') else 1)
 
     @property
@@ -132,25 +143,25 @@ class TrainConfig:
         try:
             mean, std = (float(p) for p in parts)
         except ValueError:
-            raise ValueError(f'--norm_stats must be MEAN,STD (e.g. -7.1,4.2), got {self.norm_stats!r}') from None
+            raise ConfigError(f'--norm_stats must be MEAN,STD (e.g. -7.1,4.2), got {self.norm_stats!r}') from None
         if not std > 0:
-            raise ValueError(f'--norm_stats: std must be positive, got {std}')
+            raise ConfigError(f'--norm_stats: std must be positive, got {std}')
         return mean, std
 
     def model_config(self) -> dict:
         """Keyword arguments of `m2d.models.create_model` (without norm_stats and off_emb_dim)."""
         _, width = _parse_model(self.model)
         embed_dim, depth, heads = WIDTHS[width]
-        cfg = dict(img_size=list(self.input_hw), patch_size=list(self.patch_hw), in_chans=1, embed_dim=embed_dim,
+        kw = dict(img_size=list(self.input_hw), patch_size=list(self.patch_hw), in_chans=1, embed_dim=embed_dim,
                    depth=self.depth or depth, num_heads=heads, decoder_embed_dim=self.decoder_embed_dim,
                    decoder_depth=self.decoder_depth, decoder_num_heads=self.decoder_num_heads, mlp_ratio=4.0,
                    norm_pix_loss=self.norm_pix_loss, layer_norm_eps=1e-6, mask_ratio=self.mask_ratio,
                    mask_type=self.mask_type, cont_mask=self.cont_mask)
         if self.kind != 'msm_mae':
-            cfg['loss_type'] = self.loss_fn
+            kw['loss_type'] = self.loss_fn
         if self.kind == 'm2d_s':
-            cfg.update(loss_m2d=self.loss_m2d, loss_off=self.loss_off)
-        return cfg
+            kw.update(loss_m2d=self.loss_m2d, loss_off=self.loss_off)
+        return kw
 
     def effective_batch_size(self, world_size: int) -> int:
         return self.batch_size * self.accum_iter * world_size
@@ -165,31 +176,76 @@ class TrainConfig:
     def resolve_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path(self.output_root) / self.default_run_name()
 
+    def eval_task_args(self) -> list[str]:
+        """The task options of ``m2d linear-eval`` that ``--eval`` and ``--eval_data_dir`` name
+        (empty without ``--eval``): a built-in task, a suite file, a CSV task or a folder task."""
+        if not self.eval:
+            return []
+        data_dir = Path(self.eval_data_dir) if self.eval_data_dir else None
+        if data_dir is not None and not data_dir.is_dir():
+            raise ConfigError(f'--eval_data_dir {self.eval_data_dir}: no such folder')
+        path = Path(self.eval)
+        if self.eval in EVAL_TASKS:
+            if data_dir is None:
+                raise ConfigError(f'--eval {self.eval} needs --eval_data_dir DIR, the local copy of its data')
+            return ['--task', self.eval, '--data_dir', str(data_dir)]
+        if path.suffix.lower() in SUITE_SUFFIXES:
+            if not path.is_file():
+                raise ConfigError(f'--eval {self.eval}: no such suite file')
+            return ['--suite', str(path)]
+        if path.suffix.lower() == '.csv':
+            if not path.is_file():
+                raise ConfigError(f'--eval {self.eval}: no such task CSV')
+            if data_dir is None:
+                raise ConfigError(f'--eval {self.eval} needs --eval_data_dir DIR, the folder of its audio files')
+            return ['--csv', str(path), '--data_dir', str(data_dir)]
+        if path.is_dir():
+            return ['--data_dir', str(path)]
+        raise ConfigError(f'--eval {self.eval}: not a built-in task ({", ".join(EVAL_TASKS)}), a suite file '
+                          f'({", ".join(SUITE_SUFFIXES)}), a task CSV or a folder of class folders')
+
     def check(self) -> 'TrainConfig':
-        """Raise ValueError naming the option for inconsistent settings."""
+        """Raise `ConfigError` naming the option for inconsistent settings."""
         _parse_model(self.model)
         (f, t), (ph, pw) = self.input_hw, self.patch_hw
         if f % ph or t % pw:
-            raise ValueError(f'--input_size {self.input_size} is not a multiple of --patch_size {self.patch_size}')
+            raise ConfigError(f'--input_size {self.input_size} is not a multiple of --patch_size {self.patch_size}')
         self.parsed_norm_stats()
         _ = self.sample_rate
         for name in ('epochs', 'batch_size', 'accum_iter', 'log_every'):
             if getattr(self, name) < 1:
-                raise ValueError(f'--{name} must be >= 1, got {getattr(self, name)}')
+                raise ConfigError(f'--{name} must be >= 1, got {getattr(self, name)}')
         if not 0 <= self.mask_ratio < 1:
-            raise ValueError(f'--mask_ratio must be in [0, 1), got {self.mask_ratio}')
+            raise ConfigError(f'--mask_ratio must be in [0, 1), got {self.mask_ratio}')
         if self.cont_mask and self.mask_type == 'unstructured':
             self.mask_type = 'time_continuous'
         if self.loss_off and not self.is_speech:
-            raise ValueError(f'--loss_off {self.loss_off} needs an M2D-S/M2D-X model (m2d_s_vit_*, m2d_x_vit_*), '
+            raise ConfigError(f'--loss_off {self.loss_off} needs an M2D-S/M2D-X model (m2d_s_vit_*, m2d_x_vit_*), '
                              f'got --model {self.model}')
         if self.family == 'm2d_x' and self.loss_off and not self.teacher:
-            raise ValueError('--model m2d_x_* with --loss_off > 0 needs --teacher WEIGHTS')
+            raise ConfigError('--model m2d_x_* with --loss_off > 0 needs --teacher WEIGHTS')
         if self.optim not in ('adamw', 'sgd'):
-            raise ValueError(f'--optim must be adamw or sgd, got {self.optim!r}')
-        if self.save_freq < 1 or self.feature_eval_freq < 0 or self.save_freq_steps < 0 or self.max_steps < 0:
-            raise ValueError('--save_freq must be >= 1; --feature_eval_freq, --save_freq_steps, --max_steps >= 0')
+            raise ConfigError(f'--optim must be adamw or sgd, got {self.optim!r}')
+        if self.save_freq < 1 or min(self.feature_eval_freq, self.save_freq_steps, self.max_steps, self.eval_every) < 0:
+            raise ConfigError('--save_freq must be >= 1; --feature_eval_freq, --save_freq_steps, --max_steps, '
+                              '--eval_every >= 0')
+        if self.eval_every and not self.eval:
+            raise ConfigError('--eval_every needs --eval TASK_OR_SUITE_FILE')
+        self.eval_task_args()
         return self
+
+    def saves_epoch(self, epoch_done: int) -> bool:
+        """Whether ``checkpoint-EPOCH.pth`` is written after epoch `epoch_done` (1-based)."""
+        return (epoch_done % self.save_freq == 0 or epoch_done == self.epochs
+                or bool(self.evaluates_epoch(epoch_done)))
+
+    def evaluates_epoch(self, epoch_done: int) -> bool:
+        """Whether the checkpoint of epoch `epoch_done` is evaluated (``--eval``, ``--eval_every``)."""
+        if not self.eval:
+            return False
+        if self.eval_every:
+            return epoch_done % self.eval_every == 0
+        return epoch_done % self.save_freq == 0
 
     def to_namespace(self, **extra) -> argparse.Namespace:
         """The ``args`` entry of a checkpoint: plain values only (loads with ``weights_only=True``)."""
@@ -208,26 +264,32 @@ def parse_size(text: str | tuple | list, option: str) -> tuple[int, int]:
         return int(text[0]), int(text[1])
     m = re.fullmatch(r'\s*(\d+)\s*x\s*(\d+)\s*', str(text))
     if not m:
-        raise ValueError(f'{option} must look like 80x608, got {text!r}')
+        raise ConfigError(f'{option} must look like 80x608, got {text!r}')
     return int(m[1]), int(m[2])
 
 
 def _parse_model(name: str) -> tuple[str, str]:
     m = _MODEL_RE.match(name)
     if not m:
-        raise ValueError(f'--model {name!r} is not one of {", ".join(MODELS)}')
+        raise ConfigError(f'--model {name!r} is not one of {", ".join(MODELS)}')
     return m['family'], m['width']
 
 
+def _flags(name: str) -> list[str]:
+    """``--snake_case`` and its ``--kebab-case`` alias."""
+    return list(dict.fromkeys([f'--{name}', f'--{name.replace("_", "-")}']))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `m2d pretrain` options (reference names), defaults from `TrainConfig`."""
+    """The `m2d pretrain` options (reference names, each also as ``--kebab-case``), defaults from `TrainConfig`."""
     d = TrainConfig()
 
     def opt(group, name: str, help: str, show_default: bool = True, **kw) -> None:
         kw.setdefault('default', getattr(d, name))
         if 'type' not in kw and 'action' not in kw and isinstance(kw['default'], (int, float)):
             kw['type'] = type(kw['default'])
-        group.add_argument(f'--{name}', help=help + (' (default %(default)s)' if show_default else ''), **kw)
+        group.add_argument(*_flags(name), dest=name, help=help + (' (default %(default)s)' if show_default else ''),
+                           **kw)
 
     g = parser.add_argument_group('model')
     opt(g, 'model', '(m2d|msm_mae|m2d_s|m2d_x)_vit_(tiny|small|base|large)', metavar='MODEL')
@@ -241,7 +303,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt(g, 'mask_ratio', 'masked fraction of patches')
     opt(g, 'mask_type', 'mask kind', choices=('unstructured', 'structured', 'time_continuous'))
     opt(g, 'cont_mask', 'time-continuous masks of N-time-patch spans (0: off; implies --mask_type time_continuous)')
-    g.add_argument('--no_norm_pix_loss', action='store_false', dest='norm_pix_loss',
+    g.add_argument(*_flags('no_norm_pix_loss'), action='store_false', dest='norm_pix_loss',
                    help='do not standardize the targets per patch / token')
     opt(g, 'loss_fn', 'M2D loss', choices=('norm_mse', 'mse'))
     opt(g, 'loss_m2d', 'M2D-S/X: weight of the M2D loss')
@@ -292,17 +354,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt(g, 'log_every', 'console and log.jsonl every N steps')
     opt(g, 'seed', 'random seed')
     opt(g, 'device', 'cpu or cuda; torchrun picks cuda:LOCAL_RANK')
-    g.add_argument('--crash_at_step', type=int, default=0, help=argparse.SUPPRESS)  # tests: SIGKILL at a step
+
+    g = parser.add_argument_group('evaluation of checkpoints (m2d linear-eval in a separate process, rank 0)')
+    opt(g, 'eval', 'evaluate checkpoints on this task: a built-in task (fsdd-digits, fsdd-speakers; with '
+        '--eval_data_dir), a suite file (.toml/.yaml), a task CSV (with --eval_data_dir) or a folder of class '
+        'folders. Quick runs (1 seed, no baselines) while training; the final checkpoint gets the whole task '
+        'with baselines, summarized in RUN/eval_summary.md', False, metavar='TASK_OR_SUITE_FILE')
+    opt(g, 'eval_data_dir', 'the data folder of a built-in or CSV --eval task', False, metavar='DIR')
+    opt(g, 'eval_every', 'evaluate every N epochs (writing checkpoint-EPOCH.pth then too); 0: each '
+        '--save_freq checkpoint', metavar='N')
 
     g = parser.add_argument_group('reference options accepted and ignored')
-    for name in IGNORED_OPTIONS:
-        g.add_argument(f'--{name}', default=None, nargs='?', const=True, metavar='X', help=argparse.SUPPRESS)
-    g.add_argument('--no_pin_mem', dest='pin_mem', action='store_const', const=False, help=argparse.SUPPRESS)
+    for name in dict.fromkeys(f for n in IGNORED_OPTIONS for f in _flags(n)):
+        g.add_argument(name, default=None, nargs='?', const=True, metavar='X', help=argparse.SUPPRESS)
+    g.add_argument(*_flags('no_pin_mem'), dest='pin_mem', action='store_const', const=False, help=argparse.SUPPRESS)
 
 
 # options of the reference train_audio.py that have no effect here (accepted so old command lines run)
 IGNORED_OPTIONS = ('eval_after', 'start_epoch', 'force_start_epoch', 'pin_mem', 'world_size', 'local_rank',
-                   'local-rank', 'dist_on_itp', 'dist_url', 'csv_val', 'target_layers')
+                   'dist_on_itp', 'dist_url', 'csv_val', 'target_layers')
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -1,6 +1,7 @@
 """What a pre-training run tells its user: console lines, ``log.jsonl``, TensorBoard (when
-installed), ``training_curves.png`` (when matplotlib is installed), and the effective rank
-(RankMe) of the encoder's patch features -- the reference's representation-collapse monitor.
+installed), ``training_curves.png`` (when matplotlib is installed), the effective rank
+(RankMe) of the encoder's patch features -- the reference's representation-collapse monitor --
+and the scores of checkpoint evaluations (``type`` 'eval' records, `m2d.train.evaluation`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,61 @@ log = logging.getLogger(__name__)
 
 LOG_FILE = 'log.jsonl'
 PLOT_FILE = 'training_curves.png'
+TRAIN_LOG = 'train.log'
+
+
+class RunLog:
+    """The run's INFO records of the ``m2d`` loggers, copied into ``RUN/train.log``.
+
+    Records are kept in memory until `open` (the run folder exists only once the data and model
+    are built), then written out. Processes other than rank 0 (``main=False``) log warnings only.
+    """
+
+    def __init__(self, main: bool = True):
+        self.logger = logging.getLogger('m2d')
+        self.old_level = self.logger.level
+        self.buffer: list[logging.LogRecord] = []
+        self.handler: logging.Handler | None = None
+        if not main:
+            self.logger.setLevel(logging.WARNING)  # one console is enough
+            return
+        if self.logger.getEffectiveLevel() > logging.INFO:
+            self.logger.setLevel(logging.INFO)
+        self.handler = _Buffer(self.buffer)
+        self.handler.setLevel(logging.INFO)
+        self.logger.addHandler(self.handler)
+
+    def open(self, out_dir: Path) -> None:
+        """Write the records so far, and those to come, to ``out_dir/train.log``."""
+        file = logging.FileHandler(Path(out_dir) / TRAIN_LOG)
+        file.setLevel(logging.INFO)
+        file.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s', '%Y-%m-%d %H:%M:%S'))
+        for record in self.buffer:
+            file.handle(record)
+        self.buffer.clear()
+        self._remove()
+        self.handler = file
+        self.logger.addHandler(file)
+
+    def close(self) -> None:
+        self._remove()
+        self.logger.setLevel(self.old_level)
+
+    def _remove(self) -> None:
+        if self.handler is not None:
+            self.logger.removeHandler(self.handler)
+            self.handler.close()
+            self.handler = None
+
+
+class _Buffer(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord], capacity: int = 10_000):
+        super().__init__()
+        self.records, self.capacity = records, capacity
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.capacity:
+            self.records.append(record)
 
 
 def effective_rank(features: torch.Tensor) -> float:
@@ -98,8 +155,13 @@ class Monitor:
         if self._tb is not None:
             x = record.get('step', 0)
             for k, v in record.items():
-                if k not in ('type', 'step') and isinstance(v, (int, float)) and math.isfinite(v):
+                if k not in ('type', 'step') and isinstance(v, (int, float)) and not isinstance(v, bool) \
+                        and math.isfinite(v):
                     self._tb.add_scalar(f"{record.get('type', 'train')}/{k}", v, x)
+
+    def write_all(self, records: Iterable[dict[str, Any]]) -> None:
+        for record in records:
+            self.write(record)
 
     def reset_clock(self) -> None:
         self._t_last = time.perf_counter()
@@ -146,7 +208,8 @@ class Monitor:
         return rec
 
     def plot(self) -> Path | None:
-        """Draw ``training_curves.png`` from ``log.jsonl`` (loss, lr, effective rank); None without matplotlib."""
+        """Draw ``training_curves.png`` from ``log.jsonl`` (loss, lr, effective rank, evaluation scores);
+        None without matplotlib."""
         if not (self.enabled and self.log_path.exists()):
             return None
         try:
@@ -158,7 +221,7 @@ class Monitor:
             log.debug('matplotlib is not installed; no %s', PLOT_FILE)
             return None
         self._last_plot = time.perf_counter()
-        train, ranks = {}, {}
+        train, ranks, scores, metric = {}, {}, {}, 'score'
         for line in self.log_path.read_text().splitlines():
             try:
                 rec = json.loads(line)
@@ -168,16 +231,22 @@ class Monitor:
                 train[rec['step']] = rec
             elif rec.get('type') == 'epoch' and 'effective_rank' in rec:
                 ranks[rec['epoch']] = rec['effective_rank']
+            elif rec.get('type') == 'eval':
+                scores[rec['epoch']] = rec['score']
+                metric = rec.get('metric') or metric
         steps = sorted(train)
-        fig, axes = plt.subplots(1, 3 if ranks else 2, figsize=(15 if ranks else 10, 3.5))
-        axes[0].plot(steps, [train[s]['loss'] for s in steps])
-        axes[0].set(xlabel='step', ylabel='loss', title='training loss')
-        axes[1].plot(steps, [train[s]['lr'] for s in steps])
-        axes[1].set(xlabel='step', ylabel='learning rate', title='learning rate')
+        panels = [(steps, [train[s]['loss'] for s in steps], 'step', 'loss', 'training loss'),
+                  (steps, [train[s]['lr'] for s in steps], 'step', 'learning rate', 'learning rate')]
         if ranks:
-            ep = sorted(ranks)
-            axes[2].plot(ep, [ranks[e] for e in ep], marker='o')
-            axes[2].set(xlabel='epoch', ylabel='effective rank', title='RankMe of patch features')
+            panels.append((sorted(ranks), [ranks[e] for e in sorted(ranks)], 'epoch', 'effective rank',
+                           'RankMe of patch features'))
+        if scores:
+            panels.append((sorted(scores), [scores[e] for e in sorted(scores)], 'epoch', metric,
+                           'linear evaluation (test)'))
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5))
+        for ax, (x, y, xlabel, ylabel, title) in zip(axes, panels):
+            ax.plot(x, y, marker='o' if xlabel == 'epoch' else None)
+            ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
         fig.tight_layout()
         path = self.out_dir / PLOT_FILE
         with atomic_path(path) as tmp:

@@ -6,10 +6,13 @@
 numbers, strings and a Namespace, so ``torch.load(weights_only=True)`` with Namespace allow-listed
 reads them, and `m2d.RuntimeM2D` loads them directly (the folder name gives the geometry).
 ``epoch`` counts completed epochs (as the reference); ``iter_in_epoch`` > 0 marks a mid-epoch state.
+
+`Checkpointer` writes them (rank 0); `open_resume` and `restore` bring a run back from one.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import random
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import save_checkpoint, torch_load
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,7 @@ def resolve_resume(resume: str, out_dir: Path) -> Path | None:
     if path.is_dir():
         path = path / LAST
     if not path.is_file():
-        raise FileNotFoundError(f'--resume {resume}: no such checkpoint file')
+        raise ConfigError(f'--resume {resume}: no such checkpoint file')
     return path
 
 
@@ -96,5 +100,74 @@ def load(path: Path) -> dict[str, Any]:
     """Read a training checkpoint safely (tensors + argparse.Namespace only)."""
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or 'model' not in ckpt:
-        raise ValueError(f'{path}: not a training checkpoint (expected a dict with "model")')
+        raise ConfigError(f'--resume {path}: not a training checkpoint (expected a dict with "model")')
     return ckpt
+
+
+def open_resume(resume: str, out_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """``--resume``: the checkpoint to continue from and its contents; (None, None) for a new run."""
+    path = resolve_resume(resume, out_dir)
+    if resume == 'auto' and path is None:
+        log.info('--resume auto: no %s in %s; starting a new run', LAST, out_dir)
+    return path, (load(path) if path is not None else None)
+
+
+def norm_stats_of(ckpt: dict[str, Any]) -> tuple[float, float]:
+    """The (mean, std) a checkpoint's model was trained with."""
+    return tuple(float(v) for v in ckpt['model']['norm_stats'].flatten()[:2])
+
+
+def restore(ckpt: dict[str, Any], path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, iters_per_epoch: int, eff_batch: int) -> tuple[int, int]:
+    """Load model, optimizer, scaler and RNG states; return the (epoch, iteration) to continue from.
+
+    A mid-epoch state only continues a run with the same steps per epoch and effective batch.
+    """
+    epoch, iteration = int(ckpt['epoch']), int(ckpt.get('iter_in_epoch', 0))
+    if iteration and (ckpt.get('iters_per_epoch'), ckpt.get('effective_batch_size')) != (iters_per_epoch, eff_batch):
+        raise ConfigError(f'--resume {path}: a mid-epoch checkpoint of a run with {ckpt.get("iters_per_epoch")} '
+                          f'steps/epoch and batch {ckpt.get("effective_batch_size")}; this run has '
+                          f'{iters_per_epoch} and {eff_batch}. Resume with the same --batch_size, --accum_iter and '
+                          'process count, or from an epoch checkpoint (checkpoint-N.pth).')
+    model.load_state_dict(ckpt['model'], strict=True)
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    if 'rng' in ckpt:
+        set_rng_states(ckpt['rng'])
+    log.info('resumed from %s: epoch %d, iteration %d', path, epoch, iteration)
+    return epoch, iteration
+
+
+class Checkpointer:
+    """Writes the checkpoints of a run (only when `enabled`: rank 0) and remembers the newest one.
+
+    args: the checkpoint's ``args`` (`TrainConfig.to_namespace` plus what the run derived).
+    last: the checkpoint the run resumed from, if any.
+    """
+
+    def __init__(self, out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, args: argparse.Namespace, iters_per_epoch: int, eff_batch: int,
+                 enabled: bool = True, last: Path | None = None):
+        self.out_dir, self.model, self.optimizer, self.scaler = Path(out_dir), model, optimizer, scaler
+        self.args, self.iters_per_epoch, self.eff_batch = args, iters_per_epoch, eff_batch
+        self.enabled = enabled
+        self.last = last
+
+    def state(self, epoch_done: int, iter_in_epoch: int, step: int) -> dict[str, Any]:
+        """The checkpoint dictionary (see the module docstring)."""
+        return {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                'scaler': self.scaler.state_dict(), 'epoch': epoch_done, 'step': step, 'iter_in_epoch': iter_in_epoch,
+                'iters_per_epoch': self.iters_per_epoch, 'effective_batch_size': self.eff_batch, 'args': self.args,
+                'rng': rng_states()}
+
+    def save(self, epoch_done: int, iter_in_epoch: int, step: int, name: str = LAST) -> Path | None:
+        """Write ``out_dir/name`` (and ``checkpoint-last.pth``); returns its path on rank 0."""
+        if not self.enabled:
+            return None
+        self.last = write(self.state(epoch_done, iter_in_epoch, step), self.out_dir, name)
+        return self.last
+
+    def save_epoch(self, epoch_done: int, step: int) -> Path | None:
+        """``checkpoint-EPOCH.pth`` after epoch `epoch_done`."""
+        return self.save(epoch_done, 0, step, f'checkpoint-{epoch_done}.pth')

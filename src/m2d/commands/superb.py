@@ -60,10 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        epilog='examples:\n'
                               '  m2d superb run KS --ckpt /w/m2d_s_vit_base-80x608p80x2-230220/checkpoint-1000.pth '
                               '--s3prl_root ~/s3prl --dry-run\n'
-                              '  m2d superb run ER --ckpt W.pth --stats -13.04,3.62 --seed 7 --gpu 0')
+                              '  m2d superb run ER --ckpt W.pth --stats=-13.04,3.62 --seed 7 --gpu 0')
     p.add_argument('task', help=TASK_HELP)
     p.add_argument('--ckpt', required=True, help='M2D weight file (or a released model name)')
-    p.add_argument('--stats', default=None, help='MEAN,STD of the task (default: the published statistics)')
+    p.add_argument('--stats', nargs='+', default=None, metavar='MEAN,STD',
+                   help='the task statistics as --stats=MEAN,STD or --stats MEAN STD (a negative MEAN needs '
+                        'one of these two spellings); default: the published statistics of the task')
     p.add_argument('--seed', type=int, default=7, help='s3prl --seed, also in the experiment name (default 7)')
     p.add_argument('--lr', default=None, help="learning rate (default: the task script's: PR/IC/SID 1e-3, KS 1e-4, ER 1e-5)")
     p.add_argument('--s3prl_root', '--s3prl-root', dest='s3prl_root', default='.', help='root of the s3prl checkout')
@@ -124,6 +126,11 @@ def _stats(args: argparse.Namespace) -> int:
     if Path(args.source).exists():
         split = folder_split(args.source, args.batch_size or 1, args.seed, args.max_files)
     else:
+        try:
+            get_task(args.source)
+        except SuperbError:
+            raise SuperbError(f'{args.source}: not a SUPERB task (PR, KS, IC, SID, ER) and no such folder or '
+                              'CSV file') from None
         split = task_split(args.source, args.s3prl_root, args.seed, args.max_files)
         if args.batch_size:
             split.batch_size = args.batch_size
@@ -147,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..superb.tasks import find_s3prl_dir, get_task, parse_lr, parse_stats, shell_join, task_commands
 
     task = get_task(args.task)
-    stats = parse_stats(args.stats) if args.stats else None
+    stats = parse_stats(','.join(args.stats)) if args.stats else None
     if stats is None:
         log.info('%s: using the published statistics mean=%s std=%s (your own: m2d superb stats %s)',
                  task.name, *task.stats, task.name)

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import SuperbError
 from .tasks import TASKS, Task, get_task
 
-NAME_RE = re.compile(r'-(?P<task>PR|KS|IC|SID|ER)-lr[^-]+-s\d+(?:-(?P<fold>fold\d+))?$')
+NAME_RE = re.compile(r'-(?P<task>PR|KS|IC|SID|ER)-lr[\d.eE+-]+?-s\d+(?:-(?P<fold>fold\d+))?$')
 TEST_RE = re.compile(r'^test at step (\d+): ([-+0-9.eE]+)\s*$')
 BEST_RE = re.compile(r'^New best on dev at step (\d+): ')
 
@@ -109,33 +109,41 @@ def read_result(expdir: str | Path) -> Result:
                       f'(python run_downstream.py -m evaluate -e {expdir}/dev-best.ckpt)')
 
 
-def summarize(results: list[Result]) -> tuple[list[tuple[str, str, str, str]], dict[str, float]]:
-    """Rows (task, metric, value, experiment) with ER's fold mean, and {task: value} in table order."""
-    rows, by_task = [], {}
-    for task in TASKS.values():
-        mine = [r for r in results if r.task is task]
-        for r in sorted(mine, key=lambda r: (r.fold or '', r.expdir.name)):
-            rows.append((task.name, r.metric, f'{r.value:.2f}', r.expdir.name))
-        if not mine:
-            continue
-        mean = sum(r.value for r in mine) / len(mine)
-        if len(mine) > 1:
-            folds = sorted({r.fold for r in mine if r.fold})
-            what = f'mean of {len(mine)} ({", ".join(folds)})' if folds else f'mean of {len(mine)}'
-            rows.append((task.name, mine[0].metric, f'{mean:.2f}', what))
-        by_task[task.name] = mean
-    return rows, by_task
+def model_of(result: Result) -> str:
+    """The weight file an experiment evaluated: its name without the -TASK-lrLR-sSEED[-foldN] suffix."""
+    m = NAME_RE.search(result.expdir.name)
+    return result.expdir.name[:m.start()] if m else result.expdir.name
+
+
+def summarize(results: list[Result]) -> tuple[list[tuple[str, str, str, str]], dict[str, dict[str, float]]]:
+    """Rows (task, metric, value, experiment), with the mean where a model has several runs of a task
+    (ER's folds, seeds), and {model: {task: value}} with the tasks in table order."""
+    rows, table = [], {}
+    for model in dict.fromkeys(model_of(r) for r in results):
+        for task in TASKS.values():
+            mine = [r for r in results if r.task is task and model_of(r) == model]
+            for r in sorted(mine, key=lambda r: (r.fold or '', r.expdir.name)):
+                rows.append((task.name, r.metric, f'{r.value:.2f}', r.expdir.name))
+            if not mine:
+                continue
+            mean = sum(r.value for r in mine) / len(mine)
+            if len(mine) > 1:
+                folds = sorted({r.fold for r in mine if r.fold})
+                what = f'mean of {len(mine)} ({", ".join(folds)})' if folds else f'mean of {len(mine)}'
+                rows.append((task.name, mine[0].metric, f'{mean:.2f}', what))
+            table.setdefault(model, {})[task.name] = mean
+    return rows, table
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ['  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def format_table(results: list[Result]) -> str:
-    """The per-experiment table and the one-line summary in the paper's column order (PR KS IC SID ER)."""
-    rows, by_task = summarize(results)
-    head = ('task', 'metric', 'value', 'experiment')
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-    lines = ['  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
-    cols = [f'{t} ({"PER" if TASKS[t].metric == "per" else "acc"})' for t in TASKS]
-    vals = [f'{by_task[t]:.2f}' if t in by_task else '-' for t in TASKS]
-    width = [max(len(c), len(v)) for c, v in zip(cols, vals)]
-    lines += ['', '  '.join(c.ljust(w) for c, w in zip(cols, width)).rstrip(),
-              '  '.join(v.ljust(w) for v, w in zip(vals, width)).rstrip()]
-    return '\n'.join(lines)
+    """The per-experiment table, then one line per model in the paper's column order (PR KS IC SID ER)."""
+    rows, table = summarize(results)
+    lines = _columns([('task', 'metric', 'value', 'experiment'), *rows])
+    head = ('model', *(f'{t} ({"PER" if TASKS[t].metric == "per" else "acc"})' for t in TASKS))
+    models = [(m, *(f'{v[t]:.2f}' if t in v else '-' for t in TASKS)) for m, v in table.items()]
+    return '\n'.join(lines + [''] + _columns([head, *models]))

@@ -1,0 +1,108 @@
+"""`m2d superb run --dry-run` prints the commands of the reference's five task scripts; `m2d superb stats --preset`."""
+
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import SHARED, need
+from m2d.cli import main
+from m2d.superb import SuperbError
+from m2d.superb.tasks import TASKS, get_task, task_commands
+
+SEED_NOTES = SHARED / 'seeds' / 'm2d_superb_upstream.md'
+CKPT = '/w/m2d_s_vit_base-80x608p80x2-230220/checkpoint-1000.pth'
+SCRIPTS = {'ER': 'er.sh', 'IC': 'ic.sh', 'KS': 'ks.sh', 'PR': 'pr.sh', 'SID': 'sid.sh'}
+
+
+def seed_script_commands(task: str, seed: int = 7) -> list[list[str]]:
+    """Run the seed's task script in bash with `python` stubbed: the argv of each s3prl call, with the GPU."""
+    if shutil.which('bash') is None:
+        pytest.skip('no bash')
+    text = need(SEED_NOTES).read_text()
+    m = re.search(rf'### {task} \({SCRIPTS[task]}\)\s*```sh\n(.*?)```', text, re.S)
+    assert m, f'{SCRIPTS[task]} not found in {SEED_NOTES}'
+    stub = 'python() { printf "%s\\x1f" "CUDA=$CUDA_VISIBLE_DEVICES" "$@"; printf "\\n"; }\n'
+    out = subprocess.run(['bash', '-c', stub + m.group(1), 'script', '0', 'm2d', CKPT, str(seed)],
+                         capture_output=True, text=True, check=True).stdout
+    return [line.split('\x1f')[:-1] for line in out.splitlines() if line.startswith('CUDA=')]
+
+
+def dry_run(capsys, tmp_path, *args) -> list[list[str]]:
+    (tmp_path / 's3prl').mkdir(exist_ok=True)
+    (tmp_path / 's3prl' / 'run_downstream.py').touch()
+    assert main(['superb', 'run', *args, '--dry-run', '--python', 'python', '--s3prl_root', str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f'cd {tmp_path / "s3prl"}'
+    return [shlex.split(line) for line in lines[1:]]
+
+
+@pytest.mark.parametrize('task', list(SCRIPTS))
+def test_dry_run_matches_the_seed_scripts(task, capsys, tmp_path):
+    expected = seed_script_commands(task, seed=7)
+    assert len(expected) == (10 if task == 'ER' else 2)
+    ours = dry_run(capsys, tmp_path, task, '--ckpt', CKPT, '--seed', '7', '--gpu', '0')
+    assert [['CUDA=0', *e[1:]] for e in expected] == expected  # the scripts' GPU argument
+    assert [c[1:] for c in ours] == [["python", *e[1:]] for e in expected]
+    assert all(c[0] == 'CUDA_VISIBLE_DEVICES=0' for c in ours)
+
+
+def test_dry_run_ks_as_in_the_seed_readme(capsys, tmp_path):
+    """The two commands the seed's README shows for `./ks.sh 0 m2d .../checkpoint-1000.pth 7` (written out)."""
+    ours = dry_run(capsys, tmp_path, 'speech_commands', '--ckpt', CKPT)
+    exp = 'm2d_s_vit_base-80x608p80x2-230220-checkpoint-1000-KS-lr1e-4-s7'
+    assert ours == [
+        ['python', 'run_downstream.py', '-m', 'train', '-n', exp, '-u', 'm2d', '-d', 'speech_commands', '-o',
+         'config.optimizer.lr=1e-4', '-k', f'{CKPT},-11.506255149841309,4.314857482910156', '--seed', '7'],
+        ['python', 'run_downstream.py', '-m', 'evaluate', '-e', f'result/downstream/{exp}/dev-best.ckpt']]
+
+
+def test_run_options(capsys, tmp_path):
+    cmds = dry_run(capsys, tmp_path, 'sid', '--ckpt', CKPT, '--stats=-10.5,4.25', '--lr', '5e-4', '--seed', '3')
+    assert cmds[0][cmds[0].index('-k') + 1] == f'{CKPT},-10.5,4.25'
+    two = dry_run(capsys, tmp_path, 'sid', '--ckpt', CKPT, '--stats', '-10.5', '4.25', '--lr', '5e-4', '--seed', '3')
+    assert two == cmds
+    assert cmds[0][cmds[0].index('-n') + 1].endswith('-SID-lr5e-4-s3')
+    assert cmds[0][cmds[0].index('-o') + 1] == 'config.optimizer.lr=5e-4'
+    er = dry_run(capsys, tmp_path, 'ER', '--ckpt', CKPT, '--folds', 'fold2,fold5')
+    assert [c[c.index('-n') + 1][-5:] for c in er[::2]] == ['fold2', 'fold5']
+    # A relative weight file becomes absolute: s3prl runs in its own folder.
+    rel = tmp_path / 'exp1' / 'checkpoint-5.pth'
+    rel.parent.mkdir()
+    rel.touch()
+    step = task_commands(get_task('IC'), str(rel), seed=1)[0]
+    assert step.train[step.train.index('-k') + 1].startswith(str(rel.resolve()) + ',')
+    assert step.name == 'exp1-checkpoint-5-IC-lr1e-3-s1'
+
+
+@pytest.mark.parametrize('args, message', [
+    (['XX', '--ckpt', CKPT], 'not one of the SUPERB tasks'),
+    (['KS', '--ckpt', CKPT, '--stats', '1'], 'expected MEAN,STD'),
+    (['KS', '--ckpt', CKPT, '--stats=-11,0'], 'STD positive'),
+    (['KS', '--ckpt', CKPT, '--lr', 'fast'], 'not a number'),
+    (['KS', '--ckpt', CKPT, '--folds', 'fold1'], 'only ER'),
+    (['ER', '--ckpt', CKPT, '--folds', 'fold9'], 'fold9'),
+])
+def test_run_errors_are_one_line(args, message, capsys):
+    assert main(['superb', 'run', *args, '--dry-run']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('m2d superb: error:') and message in err and '\n' not in err
+
+
+def test_run_needs_an_s3prl_checkout(tmp_path):
+    with pytest.raises(SuperbError, match='run_downstream.py'):
+        from m2d.superb.tasks import find_s3prl_dir
+        find_s3prl_dir(tmp_path)
+
+
+def test_presets_are_the_seed_statistics(capsys):
+    """Each task's preset appears in its seed script's -k argument, and `stats --preset` prints it."""
+    text = need(SEED_NOTES).read_text()
+    for task in TASKS.values():
+        script = re.search(rf'### {task.name} \({SCRIPTS[task.name]}\)\s*```sh\n(.*?)```', text, re.S).group(1)
+        assert f'$ckpt,{task.stats[0]},{task.stats[1]} ' in script
+        assert f'lr={task.lr}\n' in script
+    assert main(['superb', 'stats', '--preset', 'voxceleb1', '--ckpt', CKPT]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f'-k {CKPT},-10.571271,4.3681135'

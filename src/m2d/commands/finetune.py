@@ -63,9 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument('--epochs', type=int, default=200, help='training epochs (default %(default)s)')
     o.add_argument('--warmup_epochs', '--warmup-epochs', dest='warmup_epochs', type=float, default=5.0,
                    help='linear warmup epochs before the cosine decay (default %(default)s)')
-    o.add_argument('--patience', '--early_stop_epochs', '--early-stop-epochs', dest='patience', type=int, default=0,
+    o.add_argument('--patience', type=int, default=0,
                    help='stop after N epochs without a better validation score (default 0: train every epoch, '
-                        'keep the best, as EVAR)')
+                        'keep the best, as EVAR; its --early_stop_epochs N is --patience N+1)')
     o.add_argument('--mixup', type=float, default=0.5, metavar='ALPHA', help='mixup Beta α; 0 disables (default %(default)s)')
     o.add_argument('--rrc', type=boolean, nargs='?', const=True, default=True, metavar='True|False',
                    help='random resize crop of the log-mel input (default True)')

@@ -276,11 +276,10 @@ class ClipData(torch.utils.data.Dataset):
     """
 
     def __init__(self, clips: list[Clip], targets: np.ndarray, sample_rate: int, unit_samples: int,
-                 random_crop: bool, cache: bool, seed: int = 0):
+                 random_crop: bool, cache: bool):
         self.clips, self.targets = clips, torch.from_numpy(targets.astype(np.float32))
         self.sample_rate, self.unit_samples, self.random_crop = sample_rate, unit_samples, random_crop
         self.cache: dict[int, np.ndarray] | None = {} if cache else None
-        self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -301,7 +300,8 @@ class ClipData(torch.utils.data.Dataset):
         wav = self._read(i)
         n = self.unit_samples
         if len(wav) > n:
-            start = int(self.rng.integers(0, len(wav) - n + 1)) if self.random_crop else 0
+            # torch's RNG: seeded by the run, and differently in each DataLoader worker
+            start = int(torch.randint(0, len(wav) - n + 1, ())) if self.random_crop else 0
             wav = wav[start:start + n]
         elif len(wav) < n:
             wav = np.pad(wav, (0, n - len(wav)))
@@ -484,8 +484,8 @@ def finetune(weights: str | Path, task: Task, output_dir: str | Path | None = No
     splits = {k: task.split(k) for k in ('train', 'valid', 'test')}
     per_split_bytes = {k: len(v) * unit_samples * 4 for k, v in splits.items()}
     cache = s.workers == 0 and sum(per_split_bytes.values()) <= CACHE_BYTES
-    data = {k: ClipData(v, one_hot_targets(task, v), sr, unit_samples, random_crop=(k == 'train'), cache=cache,
-                        seed=s.seed + i) for i, (k, v) in enumerate(splits.items())}
+    data = {k: ClipData(v, one_hot_targets(task, v), sr, unit_samples, random_crop=(k == 'train'), cache=cache)
+            for k, v in splits.items()}
     skipped: dict[str, list[tuple[str, str]]] = {}
     t0 = time.perf_counter()
     if cache:
@@ -494,6 +494,7 @@ def finetune(weights: str | Path, task: Task, output_dir: str | Path | None = No
     t_read = time.perf_counter() - t0
 
     norm = parse_norm_stats(s.norm_stats)
+    norm_source = 'weights' if norm is None else 'auto (train split)' if norm == 'auto' else 'given'
     model = FinetuneModel(ckpt, len(task.classes), s.training_mask)
     if norm == 'auto':
         from .embed import auto_norm_stats
@@ -549,7 +550,7 @@ def finetune(weights: str | Path, task: Task, output_dir: str | Path | None = No
         v_logits, v_targets = predict_logits(model, valid_loader, device, s.bf16, s.progress, 'valid')
         valid = evaluate_scores(v_logits, v_targets, task.multilabel)
         valid_loss = float(evar_loss(torch.from_numpy(v_logits), torch.from_numpy(v_targets), task.multilabel))
-        improved = valid > best['valid']
+        improved = best['state'] is None or valid > best['valid']  # (a NaN score never improves)
         if improved:
             best.update(epoch=epoch, valid=valid,
                         state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
@@ -580,7 +581,8 @@ def finetune(weights: str | Path, task: Task, output_dir: str | Path | None = No
         'weights': str(weights),
         'model_name': name,
         'settings': {**{k: v for k, v in asdict(s).items() if k not in ('progress', 'trust')},
-                     'norm_stats': list(norm_used), 'device': str(device), 'flat_features': s.training_mask > 0},
+                     'norm_stats': list(norm_used), 'norm_stats_source': norm_source, 'device': str(device),
+                     'flat_features': s.training_mask > 0},
         'metric': metric,
         'test': test,
         'model': {'mean': test, 'std': 0.0, 'per_seed': [test]},

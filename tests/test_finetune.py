@@ -321,3 +321,28 @@ def test_vit_base_stand_in_one_epoch(tmp_path, m2d_base_ckpt):
     assert report['model_name'] == 'm2d_vit_base-80x608p16x16p16k' and report['epochs_run'] == 1
     rt = RuntimeM2D(report['checkpoint'], num_classes=2)
     assert rt.feature_d == 768 and rt.norm_stats.tolist() == pytest.approx([-7.8, 4.6])
+
+
+@pytest.mark.parametrize('source', ['safetensors', 'pretrain'])
+def test_other_weight_files(setup, tmp_path, small_ckpt, source):
+    """A safetensors export and a pre-training checkpoint (decoder and EMA target included) fine-tune too."""
+    from m2d.checkpoint import export_encoder
+    from m2d.models import create_model
+
+    _, _, csv = setup
+    if source == 'safetensors':
+        weights = export_encoder(small_ckpt, tmp_path / 'exported.safetensors')
+    else:
+        model = create_model('m2d', img_size=(80, 208), patch_size=(16, 16), embed_dim=64, depth=1, num_heads=1,
+                             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=1, norm_stats=(-7.5, 4.1))
+        weights = tmp_path / 'm2d_vit_tiny-80x208p16x16-run' / 'checkpoint-1.pth'
+        weights.parent.mkdir()
+        torch.save({'model': model.state_dict(), 'epoch': 1, 'step': 10}, weights)
+    task = load_task(csv=csv, data_dir=FSDD, unit_sec=0.3)
+    report = ft.finetune(weights, task, tmp_path / 'out', epochs=1, batch_size=10, lr=0.01, progress=False)
+    rt = RuntimeM2D(report['checkpoint'], num_classes=3)
+    assert rt.cfg.input_size == (80, 208) and rt.norm_stats.tolist() == pytest.approx(report['settings']['norm_stats'])
+    if source == 'pretrain':
+        assert report['settings']['norm_stats'] == pytest.approx([-7.5, 4.1])
+        assert not any(k.startswith(('module.ar.runtime.backbone.decoder', 'module.ar.runtime.backbone.target'))
+                       for k in torch.load(report['checkpoint'], weights_only=True))

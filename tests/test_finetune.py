@@ -346,3 +346,18 @@ def test_other_weight_files(setup, tmp_path, small_ckpt, source):
         assert report['settings']['norm_stats'] == pytest.approx([-7.5, 4.1])
         assert not any(k.startswith(('module.ar.runtime.backbone.decoder', 'module.ar.runtime.backbone.target'))
                        for k in torch.load(report['checkpoint'], weights_only=True))
+
+
+def test_unreadable_clips_are_skipped_and_reported(setup, tmp_path):
+    _, ckpt, csv = setup
+    data = tmp_path / 'audio'
+    data.mkdir()
+    for line in csv.read_text().splitlines()[1:]:
+        (data / line.split(',')[0]).symlink_to(FSDD / line.split(',')[0])
+    (data / '0_theo_5.wav').unlink()
+    (data / '0_theo_5.wav').write_bytes(b'not audio')  # a train clip
+    task = load_task(csv=csv, data_dir=data, unit_sec=0.3)
+    report = ft.finetune(ckpt, task, tmp_path / 'out', epochs=1, batch_size=10, lr=0.01, progress=False)
+    assert report['task']['counts']['train'] == 29 and len(report['skipped']['train']) == 1
+    assert report['skipped']['train'][0]['path'].endswith('0_theo_5.wav')
+    assert 'Skipped unreadable clips: train 1' in (tmp_path / 'out' / 'report.md').read_text()

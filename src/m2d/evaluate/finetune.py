@@ -432,26 +432,34 @@ def _loader(data: ClipData, batch_size: int, shuffle: bool, seed: int, workers: 
                                        num_workers=workers, drop_last=drop_last)
 
 
-def _preload(data: ClipData, name: str, progress: bool) -> list[tuple[str, str]]:
-    """Read every clip of `data` once into its cache; drop unreadable clips and return (path, reason)."""
+def _preload(data: ClipData, name: str, progress: bool, threads: int = 4) -> list[tuple[str, str]]:
+    """Read every clip of `data` once into its cache (a few reader threads); unreadable clips are
+    dropped from `data` with a warning and returned as (path, reason)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     from ..audio import AudioError
 
-    failed, keep = [], []
-    for i in tqdm(range(len(data)), desc=f'reading {name}', leave=False, disable=not progress, unit='clip'):
+    def read(i: int) -> str | None:
         try:
             data._read(i)
-            keep.append(i)
+            return None
         except AudioError as e:
-            failed.append((str(data.clips[i].path), str(e)))
+            return str(e)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        errors = list(tqdm(pool.map(read, range(len(data))), total=len(data), desc=f'reading {name}', leave=False,
+                           disable=not progress, unit='clip'))
+    failed = [(str(data.clips[i].path), e) for i, e in enumerate(errors) if e is not None]
     if failed:
+        keep = [i for i, e in enumerate(errors) if e is None]
         log.warning('%s: skipped %d unreadable clip(s) of %d (first: %s)', name, len(failed), len(data), failed[0][1])
+        if not keep:
+            raise FinetuneError(f'the {name} split: none of its {len(failed)} clips could be read ({failed[0][1]})')
         data.cache = {n: data.cache[i] for n, i in enumerate(keep)}
         data.clips = [data.clips[i] for i in keep]
         data.targets = data.targets[keep]
-    if not data.clips:
-        raise FinetuneError(f'the {name} split: none of its {len(failed)} clips could be read ({failed[0][1]})')
     return failed
 
 
@@ -666,6 +674,6 @@ def write_report(report: dict[str, Any], output_dir: str | Path) -> None:
     else:
         lines += ['(learning-curve figure not drawn: matplotlib is not installed; the curves are in report.json)', '']
     if report['skipped']:
-        lines += [f'Skipped unreadable clips: ' + ', '.join(f'{k} {len(v)}' for k, v in report['skipped'].items()), '']
+        lines += ['Skipped unreadable clips: ' + ', '.join(f'{k} {len(v)}' for k, v in report['skipped'].items()), '']
     with atomic_path(output_dir / REPORT_MD) as tmp:
         tmp.write_text('\n'.join(lines))

@@ -24,6 +24,8 @@ def test_parse_ckpt_arg():
         parse_ckpt_arg('a.pth,4.3,-11.5')  # swapped
     with pytest.raises(M2DError):  # the CLI prints it in one line
         parse_ckpt_arg(',1,2')
+    with pytest.raises(SuperbError, match='no M2D weight file given'):
+        parse_ckpt_arg(None)  # s3prl passes ckpt=None when -k is missing
 
 
 def test_upstream_layers_and_task_stats(small_ckpt, caplog):

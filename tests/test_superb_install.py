@@ -90,3 +90,24 @@ def test_wrong_path_is_one_line(tmp_path, capsys):
     assert 'no s3prl/hub.py' in err and err.count('\n') == 1
     with pytest.raises(SuperbError, match='hub.py'):
         uninstall(tmp_path)
+
+
+def test_installed_hubconf_builds_the_experts_as_s3prl_calls_them(tree, small_ckpt):
+    """s3prl calls `getattr(hub, NAME)(ckpt=..., model_config=..., refresh=...)`; the installed entries accept that."""
+    import importlib.util
+
+    import torch
+
+    up, _ = install(tree)
+    spec = importlib.util.spec_from_file_location('installed_hubconf', up / 'hubconf.py')
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    expert = hubconf.m2d(ckpt=f'{small_ckpt},-11.5,4.3', model_config=None, refresh=False)
+    assert expert.runtime.norm_stats.tolist() == pytest.approx([-11.5, 4.3])
+    with torch.no_grad():
+        out = expert([torch.zeros(16000), torch.zeros(8000)])
+    assert len(out['hidden_states']) == 2
+    calcnorm = hubconf.m2d_calcnorm(ckpt=str(small_ckpt), model_config=None, refresh=False)
+    assert calcnorm.max_updates == 10000
+    with pytest.raises(SuperbError, match='no M2D weight file'):
+        hubconf.m2d_calcnorm(ckpt=None, model_config=None, refresh=False)

@@ -14,6 +14,7 @@ input and interleaving the outputs (see `fine_timestamp_embeddings`).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -22,6 +23,7 @@ from .errors import M2DError
 from .runtime import RuntimeM2D
 
 DEFAULT_MODEL = 'm2d_vit_base-80x608p16x16-221006-mr7'  # the general-purpose release of the M2D paper
+HOP_ENV = 'M2D_HEAR_HOP_MS'  # default timestamp_hop_ms for tools that cannot pass options (hear-validator)
 
 
 class HearError(M2DError, ValueError):
@@ -33,8 +35,11 @@ def load_model(model_file_path: str = '', timestamp_hop_ms: float | None = None,
 
     model_file_path: a weight file or a released model name; empty: `DEFAULT_MODEL` (downloaded once
     into the cache, see `m2d.hub`). timestamp_hop_ms: spacing of the timestamp embeddings (default:
-    the model's own, the patch width; finer values cost more, see `fine_timestamp_embeddings`).
+    ``$M2D_HEAR_HOP_MS`` if set, else the model's own, the patch width; finer values cost more, see
+    `fine_timestamp_embeddings`).
     """
+    if timestamp_hop_ms is None and os.environ.get(HOP_ENV):  # tools that call load_model(path) only
+        timestamp_hop_ms = float(os.environ[HOP_ENV])
     model = load(model_file_path or DEFAULT_MODEL, **kwargs)
     model.scene_embedding_size = model.feature_d
     model.timestamp_embedding_size = model.feature_d

@@ -30,10 +30,12 @@ EMPTY_BAND_DB = -40.0  # upper band this far below the lower band: band-limited 
 
 def parse_ckpt_arg(ckpt: str) -> tuple[str, tuple[float, float] | None]:
     """s3prl's -k: 'CKPT' or 'CKPT,MEAN,STD' -> (CKPT, (mean, std) or None); SuperbError in one line."""
-    parts = [p.strip() for p in str(ckpt).split(',')]
-    if len(parts) == 1 and parts[0]:
-        return parts[0], None
     usage = 'expected -k CKPT or -k CKPT,MEAN,STD (e.g. -k /w/checkpoint-1000.pth,-11.506255,4.314857)'
+    if ckpt is None or not str(ckpt).strip():
+        raise SuperbError(f'-k: no M2D weight file given; {usage}')
+    parts = [p.strip() for p in str(ckpt).split(',')]
+    if len(parts) == 1:
+        return parts[0], None
     if len(parts) != 3 or not parts[0]:
         raise SuperbError(f'-k {ckpt!r}: {usage}; got {len(parts)} comma-separated parts '
                           '(a weight file path may not contain commas)')

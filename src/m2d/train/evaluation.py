@@ -4,8 +4,8 @@ An evaluation never blocks or stops the training. The trainer `submit`s each che
 evaluated and `poll`s at its log steps; a finished evaluation gives an `EvalResult` (the test
 score of ``report.json``), a failed one a warning with the tail of its log. Quick evaluations
 (1 seed, no baselines) run one at a time; while one runs, a newer checkpoint replaces the one
-waiting. At the end, `finish` evaluates the final checkpoint on the whole task or suite with
-baselines, waits for every evaluation, and copies its summary into the run folder
+waiting. At the end, `finish` starts the one waiting, evaluates the final checkpoint on the whole
+task or suite with baselines, waits for every evaluation, and copies its summary into the run folder
 (``eval_summary.json`` and ``eval_summary.md``).
 
 Layout: ``RUN/eval/epoch-N/`` (``report.json``, ``report.md``, ``linear_eval.log``) and
@@ -140,7 +140,9 @@ class CheckpointEvaluator:
         and copy the final summary into the run folder. Returns the results not yet polled."""
         if not self.enabled:
             return []
-        self.waiting = None
+        if self.waiting is not None:
+            self._start(self.waiting)
+            self.waiting = None
         if checkpoint is not None:
             self._start(_Job(Path(checkpoint), epoch, step, True, self.run_dir / 'eval' / 'final'))
         if self.running:
@@ -198,8 +200,9 @@ class CheckpointEvaluator:
                 raise ValueError(f'exit status {code}')
             scores, metric, baselines = read_results(job.output_dir)
         except (ValueError, KeyError, TypeError, OSError) as e:
-            log.warning('evaluation of epoch %d failed (%s) after %.0f s; training goes on. Last lines of %s:\n%s',
-                        job.epoch, e, seconds, job.output_dir / LOG_NAME, _tail(job.output_dir / LOG_NAME))
+            log.warning('evaluation of epoch %d%s failed (%s) after %.0f s; training goes on. Last lines of %s:\n%s',
+                        job.epoch, ' (final)' if job.final else '', e, seconds, job.output_dir / LOG_NAME,
+                        _tail(job.output_dir / LOG_NAME))
             return None
         result = EvalResult(job.epoch, job.step, job.final, job.output_dir, scores, metric, baselines)
         log.info('evaluation of epoch %d%s: %s %.4f (%s; %.0f s)', job.epoch, ' (final)' if job.final else '',

@@ -9,7 +9,8 @@ from m2d.cli import main
 from m2d.superb import SuperbError
 from m2d.superb.install import FILES, HUB_LINE, install, uninstall
 
-HUB_TEXT = '"""s3prl hub"""\nfrom s3prl.upstream.wav2vec2.hubconf import *\nfrom s3prl.upstream.hubert.hubconf import *\n'
+HUB_TEXT = ('"""s3prl hub"""\nfrom s3prl.upstream.wav2vec2.hubconf import *\n'
+            'from s3prl.upstream.hubert.hubconf import *\n')
 
 
 @pytest.fixture

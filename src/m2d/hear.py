@@ -79,7 +79,8 @@ def _shift_frames(model: RuntimeM2D, hop_ms: float) -> int:
     return int(round(d))
 
 
-def fine_timestamp_embeddings(audio: torch.Tensor, model: RuntimeM2D, hop_ms: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fine_timestamp_embeddings(audio: torch.Tensor, model: RuntimeM2D,
+                              hop_ms: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Timestamp embeddings every `hop_ms` ms, computed, not interpolated.
 
     Output n is the encoder's feature of the patch column that starts at log-mel frame ``n * d``

@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='the task statistics as --stats=MEAN,STD or --stats MEAN STD (a negative MEAN needs '
                         'one of these two spellings); default: the published statistics of the task')
     p.add_argument('--seed', type=int, default=7, help='s3prl --seed, also in the experiment name (default 7)')
-    p.add_argument('--lr', default=None, help="learning rate (default: the task script's: PR/IC/SID 1e-3, KS 1e-4, ER 1e-5)")
+    p.add_argument('--lr', default=None,
+                   help="learning rate (default: the task script's: PR/IC/SID 1e-3, KS 1e-4, ER 1e-5)")
     p.add_argument('--s3prl_root', '--s3prl-root', dest='s3prl_root', default='.', help='root of the s3prl checkout')
     p.add_argument('--upstream', default='m2d', help='s3prl upstream name (default m2d)')
     p.add_argument('--folds', default=None, help='ER only: comma-separated folds to run (default all five)')
@@ -81,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {'install': _install, 'uninstall': _uninstall, 'stats': _stats, 'run': _run, 'report': _report}[args.action](args)
+    actions = {'install': _install, 'uninstall': _uninstall, 'stats': _stats, 'run': _run, 'report': _report}
+    return actions[args.action](args)
 
 
 def _install(args: argparse.Namespace) -> int:

@@ -93,7 +93,8 @@ def read_result(expdir: str | Path) -> Result:
         hyp, ref = expdir / 'test-hyp.ark', expdir / 'test-ref.ark'
         if not (hyp.is_file() and ref.is_file()):
             raise SuperbError(f'{expdir}: no test-hyp.ark/test-ref.ark yet; run the evaluate step '
-                              f'(python run_downstream.py -m evaluate -n {expdir.name} -d ctc -e {expdir}/dev-best.ckpt)')
+                              f'(python run_downstream.py -m evaluate -n {expdir.name} -d ctc '
+                              f'-e {expdir}/dev-best.ckpt)')
         return Result(expdir, task, 100 * phone_error_rate(hyp, ref), 'test-hyp.ark', fold)
     log = expdir / 'log.log'
     lines = log.read_text().splitlines() if log.is_file() else []

@@ -204,7 +204,7 @@ def test_run_report_and_checkpoint(run):
     best = max(range(3), key=lambda e: (report['curves'][e]['valid_accuracy'], -e))
     assert report['best_epoch'] == best
     assert (out / 'report.md').is_file() and 'test accuracy' in (out / 'report.md').read_text()
-    assert (out / 'learning_curves.png').stat().st_size > 1000
+    assert (out / 'learning_curves.png').stat().st_size > 1000 and (out / 'confusion_matrix.png').is_file()
     assert report['timings']['train_s'] > 0 and report['timings']['train_clips_per_s'] > 0
 
 
@@ -361,3 +361,20 @@ def test_unreadable_clips_are_skipped_and_reported(setup, tmp_path):
     assert report['task']['counts']['train'] == 29 and len(report['skipped']['train']) == 1
     assert report['skipped']['train'][0]['path'].endswith('0_theo_5.wav')
     assert 'Skipped unreadable clips: train 1' in (tmp_path / 'out' / 'report.md').read_text()
+
+
+def test_default_output_dir_and_report_without_matplotlib(run, tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from m2d.evaluate.tasks import Task
+    task = Task('fsdd-digits', [], ['0', '1'], False, 1.0)
+    released = Path('cache/m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth')
+    assert ft.default_output_dir(released, task) == Path(
+        'eval/m2d_vit_base-80x608p16x16-221006-mr7_checkpoint-300/fsdd-digits/finetune')
+    _, report = run
+    monkeypatch.setitem(sys.modules, 'matplotlib.figure', None)  # import fails as if not installed
+    ft.write_report(report, tmp_path, np.eye(3, dtype=int))
+    md = (tmp_path / 'report.md').read_text()
+    assert 'matplotlib is not installed' in md and not (tmp_path / 'learning_curves.png').exists()
+    assert json.loads((tmp_path / 'report.json').read_text())['test'] == report['test']

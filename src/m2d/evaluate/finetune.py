@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ('sgd', 'adamw', 'lars')
 CHECKPOINT_FILE = 'weights_best.pth'
-REPORT_JSON, REPORT_MD, CURVES_PNG = 'report.json', 'report.md', 'learning_curves.png'
+REPORT_JSON, REPORT_MD = 'report.json', 'report.md'
+CURVES_PNG, CONFUSION_PNG = 'learning_curves.png', 'confusion_matrix.png'
 CACHE_BYTES = 4 << 30  # train/valid/test waveforms kept in memory up to this size; read per batch beyond
 
 
@@ -249,18 +250,11 @@ def checkpoint_path(output_dir: Path, name: str, task_name: str) -> Path:
     return output_dir / f'{name}-{slug}' / CHECKPOINT_FILE
 
 
-def weights_label(weights: str | Path) -> str:
-    """A short name for a weight file in output paths: ``FOLDER_checkpoint-N`` for a ``checkpoint-N.pth``
-    (released files and `m2d pretrain` runs), else the file's stem."""
-    path = Path(weights)
-    if path.stem.startswith('checkpoint') and path.parent.name:
-        return f'{path.parent.name}_{path.stem}'
-    return path.stem
-
-
 def default_output_dir(weights: str | Path, task: Task) -> Path:
-    """``eval/<weights-name>/<task>/finetune``."""
-    return Path('eval') / weights_label(weights) / task.name / 'finetune'
+    """``eval/<weights-name>/<task>/finetune`` (the linear evaluation's folder, plus ``finetune``)."""
+    from .linear import weights_name
+
+    return Path('eval') / weights_name(weights) / task.name / 'finetune'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,7 +601,8 @@ def finetune(weights: str | Path, task: Task, output_dir: str | Path | None = No
                     'test_s': t_test, 'total_s': time.perf_counter() - t_start,
                     'train_clips_per_s': n_train_seen / max(sum(c['train_seconds'] for c in curves), 1e-9)},
     }
-    write_report(report, output_dir)
+    cm = None if task.multilabel else metrics.confusion_matrix(t_targets.argmax(1), t_logits.argmax(1), len(task.classes))
+    write_report(report, output_dir, cm)
     log.info('%s on %s: test %s %.4f (best valid %.4f at epoch %d); checkpoint %s', name, task.name, metric, test,
              best['valid'], best['epoch'], ckpt_path)
     return report
@@ -618,40 +613,53 @@ def finetune(weights: str | Path, task: Task, output_dir: str | Path | None = No
 
 
 def plot_curves(report: dict[str, Any], path: Path) -> Path | None:
-    """Training loss, validation loss and metric per epoch; None when matplotlib is missing."""
+    """Training and validation loss, validation metric per epoch; None when matplotlib is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     curves, metric = report['curves'], report['metric']
     ep = [c['epoch'] for c in curves]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    axes[0].plot(ep, [c['train_loss'] for c in curves], label='train')
-    axes[0].plot(ep, [c['valid_loss'] for c in curves], label='valid')
-    axes[0].set(xlabel='epoch', ylabel='loss', title='loss')
-    axes[0].legend()
-    axes[1].plot(ep, [c[f'valid_{metric}'] for c in curves], marker='o', ms=3, label=f'valid {metric}')
-    axes[1].axvline(report['best_epoch'], color='gray', ls='--', lw=1, label=f'best epoch {report["best_epoch"]}')
-    axes[1].axhline(report['test'], color='C2', ls=':', lw=1, label=f'test {report["test"]:.3f}')
-    axes[1].set(xlabel='epoch', ylabel=metric, title=f'validation {metric}')
-    axes[1].legend(loc='lower right')
+    fig = Figure(figsize=(10, 3.5))
+    ax_loss, ax_metric = fig.subplots(1, 2)
+    ax_loss.plot(ep, [c['train_loss'] for c in curves], label='train')
+    ax_loss.plot(ep, [c['valid_loss'] for c in curves], label='valid')
+    ax_loss.set(xlabel='epoch', ylabel='loss', title='loss')
+    ax_loss.legend()
+    ax_metric.plot(ep, [c[f'valid_{metric}'] for c in curves], marker='o', ms=3, label=f'valid {metric}')
+    ax_metric.axvline(report['best_epoch'], color='gray', ls='--', lw=1, label=f'best epoch {report["best_epoch"]}')
+    ax_metric.axhline(report['test'], color='C2', ls=':', lw=1, label=f'test {report["test"]:.3f}')
+    ax_metric.set(xlabel='epoch', ylabel=metric, title=f'validation {metric}')
+    ax_metric.legend(loc='lower right')
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format='png')
-    plt.close(fig)
     return path
 
 
-def write_report(report: dict[str, Any], output_dir: str | Path) -> None:
-    """``report.json``, ``learning_curves.png`` (with matplotlib) and ``report.md`` in `output_dir`."""
+def plot_confusion(report: dict[str, Any], cm: np.ndarray, path: Path) -> Path | None:
+    """The test confusion matrix of the best checkpoint; None when matplotlib is missing."""
+    try:
+        from .plots import confusion_figure
+
+        fig = confusion_figure(cm, report['task']['classes'], f'{report["task"]["name"]}: test, fine-tuned '
+                               f'(epoch {report["best_epoch"]})')
+    except ImportError:
+        return None
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches='tight', format='png')
+    return path
+
+
+def write_report(report: dict[str, Any], output_dir: str | Path, confusion: np.ndarray | None = None) -> None:
+    """``report.json``, ``report.md`` and, with matplotlib, ``learning_curves.png`` and
+    ``confusion_matrix.png`` (single-label tasks, given the test `confusion` counts) in `output_dir`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(output_dir / REPORT_JSON) as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     figure = plot_curves(report, output_dir / CURVES_PNG)
+    cm_figure = plot_confusion(report, confusion, output_dir / CONFUSION_PNG) if confusion is not None else None
     t, st, tm = report['task'], report['settings'], report['timings']
     lines = [f'# Fine-tuning {report["model_name"]} on {t["name"]}', '',
              f'- weights: `{report["weights"]}`',
@@ -671,6 +679,8 @@ def write_report(report: dict[str, Any], output_dir: str | Path) -> None:
     lines.append('')
     if figure is not None:
         lines += [f'![learning curves]({CURVES_PNG})', '']
+    if cm_figure is not None:
+        lines += [f'![confusion matrix]({CONFUSION_PNG})', '']
     else:
         lines += ['(learning-curve figure not drawn: matplotlib is not installed; the curves are in report.json)', '']
     if report['skipped']:

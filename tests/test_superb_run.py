@@ -64,6 +64,9 @@ def test_run_options(capsys, tmp_path):
     assert cmds[0][cmds[0].index('-k') + 1] == f'{CKPT},-10.5,4.25'
     two = dry_run(capsys, tmp_path, 'sid', '--ckpt', CKPT, '--stats', '-10.5', '4.25', '--lr', '5e-4', '--seed', '3')
     assert two == cmds
+    saved = tmp_path / 'st.json'
+    saved.write_text('{"mean": -10.5, "std": 4.25, "files": 3}')  # as `m2d superb stats --json` writes
+    assert dry_run(capsys, tmp_path, 'sid', '--ckpt', CKPT, '--stats', str(saved), '--lr', '5e-4', '--seed', '3') == cmds
     assert cmds[0][cmds[0].index('-n') + 1].endswith('-SID-lr5e-4-s3')
     assert cmds[0][cmds[0].index('-o') + 1] == 'config.optimizer.lr=5e-4'
     er = dry_run(capsys, tmp_path, 'ER', '--ckpt', CKPT, '--folds', 'fold2,fold5')

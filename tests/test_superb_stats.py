@@ -165,3 +165,19 @@ def test_speech_commands_split_as_s3prl(tmp_path, clips):
         return
     train, _ = split_dataset(sc)
     assert used == {p.name for c, p in train if c == 'yes'}
+
+
+def test_calcnorm_agrees_with_superb_stats(clips, small_ckpt, tmp_path):
+    """The m2d_calcnorm upstream, fed the batches s3prl would feed, ends with the numbers of `m2d superb stats`."""
+    from m2d.superb import CalcNormExpert
+
+    split = folder_split(clips, batch_size=3, seed=2)
+    stats = split_stats(split, progress=False)
+    batches = [[torch.from_numpy(load_audio(d.path)) for d in split.draws[i:i + 3]] for i in range(0, 7, 3)]
+    up = CalcNormExpert(str(small_ckpt), max_updates=len(batches), stats_file=str(tmp_path / 'calc.json'))
+    with torch.no_grad(), pytest.raises(SystemExit):
+        for batch in batches:
+            up(batch)
+    calc = json.loads((tmp_path / 'calc.json').read_text())
+    assert calc['values'] == stats['values']
+    assert calc['mean'] == pytest.approx(stats['mean'], rel=1e-12) and calc['std'] == pytest.approx(stats['std'], rel=1e-12)

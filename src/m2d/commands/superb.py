@@ -23,7 +23,7 @@ TASK_HELP = 'PR (ctc/libriphone), KS (speech_commands), IC (fluent_commands), SI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = __doc__.split('\n', 2)[2]
+    parser.epilog = 'examples:\n' + __doc__.split('\n', 2)[2]
     sub = parser.add_subparsers(dest='action', required=True, metavar='ACTION')
 
     p = sub.add_parser('install', help='write s3prl/upstream/m2d and register it in s3prl/hub.py')
@@ -64,8 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument('task', help=TASK_HELP)
     p.add_argument('--ckpt', required=True, help='M2D weight file (or a released model name)')
     p.add_argument('--stats', nargs='+', default=None, metavar='MEAN,STD',
-                   help='the task statistics as --stats=MEAN,STD or --stats MEAN STD (a negative MEAN needs '
-                        'one of these two spellings); default: the published statistics of the task')
+                   help='the task statistics as --stats=MEAN,STD, --stats MEAN STD (a negative MEAN needs one '
+                        'of these two spellings) or a JSON file of `m2d superb stats --json`; '
+                        'default: the published statistics of the task')
     p.add_argument('--seed', type=int, default=7, help='s3prl --seed, also in the experiment name (default 7)')
     p.add_argument('--lr', default=None,
                    help="learning rate (default: the task script's: PR/IC/SID 1e-3, KS 1e-4, ER 1e-5)")
@@ -153,10 +154,10 @@ def _stats(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..superb import SuperbError
     from ..superb.report import format_table, read_result
-    from ..superb.tasks import find_s3prl_dir, get_task, parse_lr, parse_stats, shell_join, task_commands
+    from ..superb.tasks import find_s3prl_dir, get_task, parse_lr, shell_join, task_commands
 
     task = get_task(args.task)
-    stats = parse_stats(','.join(args.stats)) if args.stats else None
+    stats = _stats_argument(args.stats) if args.stats else None
     if stats is None:
         log.info('%s: using the published statistics mean=%s std=%s (your own: m2d superb stats %s)',
                  task.name, *task.stats, task.name)
@@ -187,6 +188,22 @@ def _run(args: argparse.Namespace) -> int:
               f'{"test-hyp.ark" if task.metric == "per" else "log.log"})')
     print(format_table(results))
     return 0
+
+
+def _stats_argument(values: list[str]) -> tuple[str, str]:
+    """--stats MEAN,STD | MEAN STD | FILE.json (written by `m2d superb stats --json`)."""
+    import json
+
+    from ..superb import SuperbError
+    from ..superb.tasks import parse_stats
+
+    if len(values) == 1 and values[0].lower().endswith('.json'):
+        try:
+            saved = json.loads(Path(values[0]).read_text())
+            return parse_stats(f'{saved["mean"]!r},{saved["std"]!r}', f'--stats {values[0]}')
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SuperbError(f'--stats {values[0]}: not a statistics file of m2d superb stats --json ({e})') from None
+    return parse_stats(','.join(values))
 
 
 def _experiment_dirs(paths: list[str]) -> list[Path]:

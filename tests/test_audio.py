@@ -160,3 +160,36 @@ def test_load_audio_non_finite_samples(tmp_path, bad):
     x[100] = bad
     sf.write(tmp_path / 'nan.wav', x, 16000, subtype='FLOAT')
     _expect_error(tmp_path / 'nan.wav', 'NaN or infinite')
+
+
+@pytest.mark.parametrize('fmt,suffix', [('WAV', '.wav'), ('WAVEX', '.wav'), ('AIFF', '.aiff')])
+def test_a_file_cut_short_is_an_error_not_a_shorter_clip(tmp_path, monkeypatch, fmt, suffix):
+    from m2d import audio
+    from m2d.audio import read_audio
+
+    monkeypatch.setattr(audio, '_STREAM_BYTES', 1000)  # read_audio streams these small files
+
+    whole = tmp_path / f'whole{suffix}'
+    sf.write(whole, np.random.default_rng(0).uniform(-0.5, 0.5, 16000).astype(np.float32), 16000, format=fmt,
+             subtype='PCM_16')
+    raw = whole.read_bytes()
+    cut = tmp_path / f'cut{suffix}'
+    cut.write_bytes(raw[:len(raw) // 2 + 1])
+    assert 0 < sf.info(str(cut)).frames < 16000  # libsndfile itself reads it as a shorter clip
+    for reader in (load_audio, read_audio):
+        with pytest.raises(AudioError, match=f'{cut}: the file is truncated'):
+            reader(cut, 16000)
+    assert len(load_audio(whole, 16000)) == 16000
+    (tmp_path / 'longer.wav').write_bytes(raw + b'\0' * 7)  # trailing bytes are not a truncation
+    assert len(load_audio(tmp_path / 'longer.wav', 16000)) == 16000
+
+
+def test_unknown_length_headers_pass(tmp_path):
+    """A WAV written to a pipe declares 0xFFFFFFFF data bytes; libsndfile reads what is there."""
+    path = tmp_path / 'piped.wav'
+    sf.write(path, np.zeros(800, np.float32), 8000, subtype='PCM_16')
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b'data') + 4
+    raw[at:at + 4] = b'\xff\xff\xff\xff'
+    path.write_bytes(bytes(raw))
+    assert len(load_audio(path, 8000)) == 800

@@ -113,7 +113,7 @@ def fsdd_speech(tmp_path_factory) -> dict:
     """Teacher .npz for 60 FSDD files (speakers george, jackson...) and LMS .npy of 30 other files as noise."""
     from test_teacher import tiny_hubert
 
-    from m2d.teacher import extract_teacher_features
+    from m2d.data.teacher_features import extract_teacher_features
 
     need(FSDD)
     root = tmp_path_factory.mktemp('speech_data')

@@ -17,8 +17,9 @@ from conftest import FSDD, need
 transformers = pytest.importorskip('transformers')
 
 from m2d.audio import PRESETS, LogMelSpectrogram, load_audio  # noqa: E402
-from m2d.teacher import (extract_teacher_features, load_hubert, match_frames, normalize_wav,  # noqa: E402
-                         runtime_teacher, teacher_features)
+from m2d.data.teacher_features import (extract_teacher_features, load_hubert, normalize_wav,  # noqa: E402
+                                       teacher_features)
+from m2d.teacher import match_frames, runtime_teacher  # noqa: E402
 
 SR = 16000
 MIN_SAMPLES = 7 * SR
@@ -230,7 +231,7 @@ def test_match_frames():
 
 
 def test_extract_interrupted_then_resumed(speech_src, tmp_path, monkeypatch):
-    import m2d.teacher as teacher_mod
+    import m2d.data.teacher_features as teacher_mod
 
     src = speech_src / 'b'
     dest = tmp_path / 'dest'

@@ -1,5 +1,9 @@
 """Audio input and the log-mel front-end of M2D.
 
+`load_audio` reads a file as the models expect it (mono, resampled, float32) and refuses files that
+cannot be used (unreadable, empty, cut short, non-finite samples) with an `AudioError` naming the
+file; `read_audio` does the same in bounded memory for long files.
+
 The front-end reproduces the reference (nnAudio ``MelSpectrogram`` + ``log(x + eps)``) with
 ``torch.stft`` and a Slaney mel filterbank, so it runs on any device without extra packages.
 """
@@ -7,12 +11,16 @@ The front-end reproduces the reference (nnAudio ``MelSpectrogram`` + ``log(x + e
 from __future__ import annotations
 
 import logging
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .errors import M2DError
 
 log = logging.getLogger(__name__)
 
@@ -109,30 +117,120 @@ def num_frames(samples: int, hop_length: int) -> int:
     return 1 + samples // hop_length
 
 
-class AudioError(ValueError):
+class AudioError(M2DError, ValueError):
     """An audio file that cannot be used; the message names the file."""
 
 
+_COMPRESSED = ('.flac', '.ogg', '.mp3', '.opus')
+# Files larger than this many bytes (a quarter of it for compressed formats) are read and resampled
+# block by block by `read_audio`.
+_STREAM_BYTES = 64 << 20
+_STREAM_BLOCK = 1 << 20  # samples per block when streaming
+
+
 def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
-    """Read any file libsndfile reads, mix to mono, resample with soxr; returns float32 ``[samples]``."""
+    """Read any file libsndfile reads, mix to mono, resample with soxr; returns float32 ``[samples]``.
+
+    Raises `AudioError` naming the file when it is missing, unreadable, empty, cut short (a WAV or
+    AIFF header promising more data than the file holds) or holds NaN/infinite samples.
+    """
     import soundfile as sf
     import soxr
 
-    path = Path(path)
-    if not path.is_file():
-        raise AudioError(f'{path}: not a file' if path.exists() else f'{path}: no such file')
+    path = _audio_file(path)
     try:
         data, sr = sf.read(str(path), dtype='float32', always_2d=True)
     except Exception as e:  # libsndfile's own errors are terse; name the file.
         raise AudioError(f'{path}: cannot read audio ({e})') from None
-    if data.shape[0] == 0:
-        raise AudioError(f'{path}: the file holds no audio samples')
-    wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    if not np.isfinite(wav).all():
-        raise AudioError(f'{path}: audio contains NaN or infinite samples')
+    check_complete(path)
+    wav = _nonempty(path, _mono(path, data))
     if sr != sample_rate:
         wav = soxr.resample(wav, sr, sample_rate, quality='HQ')
     return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
+    """`load_audio` in bounded memory: large files are decoded and resampled block by block."""
+    import soundfile as sf
+    import soxr
+
+    path = _audio_file(path)
+    limit = _STREAM_BYTES // 4 if path.suffix.lower() in _COMPRESSED else _STREAM_BYTES
+    if path.stat().st_size <= limit:
+        return load_audio(path, sample_rate)
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as e:
+        raise AudioError(f'{path}: cannot read audio ({e})') from None
+    check_complete(path)
+    parts = []
+    with f:
+        stream = (soxr.ResampleStream(f.samplerate, sample_rate, 1, dtype='float32', quality='HQ')
+                  if f.samplerate != sample_rate else None)
+        while True:
+            try:
+                block = f.read(_STREAM_BLOCK, dtype='float32', always_2d=True)
+            except Exception as e:
+                raise AudioError(f'{path}: cannot read audio ({e})') from None
+            if block.shape[0] == 0:
+                break
+            mono = _mono(path, block)
+            parts.append(stream.resample_chunk(mono) if stream else mono.copy())
+        if stream is not None:
+            parts.append(stream.resample_chunk(np.zeros(0, np.float32), last=True))
+    return _nonempty(path, np.concatenate(parts) if parts else np.zeros(0, np.float32))
+
+
+def _audio_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f'{path}: not a file' if path.exists() else f'{path}: no such file')
+    return path
+
+
+def _mono(path: Path, data: np.ndarray) -> np.ndarray:
+    """``[samples, channels]`` -> ``[samples]``, refusing non-finite samples."""
+    wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(wav).all():
+        raise AudioError(f'{path}: audio contains NaN or infinite samples')
+    return wav
+
+
+def _nonempty(path: Path, wav: np.ndarray) -> np.ndarray:
+    if wav.size == 0:
+        raise AudioError(f'{path}: the file holds no audio samples')
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+# container -> (byte order, form types, the chunk holding the samples)
+_CONTAINERS = {b'RIFF': ('<', (b'WAVE',), b'data'), b'RIFX': ('>', (b'WAVE',), b'data'),
+               b'FORM': ('>', (b'AIFF', b'AIFC'), b'SSND')}
+
+
+def check_complete(path: str | Path) -> None:
+    """Raise `AudioError` when a WAV or AIFF header promises more sample bytes than the file holds.
+
+    libsndfile reads such a file (a copy cut short) without a word, as a shorter clip. Headers
+    with an unknown length (0 or 0xFFFFFFFF, as written to a pipe) and other formats pass.
+    """
+    with open(path, 'rb') as f:
+        head = f.read(12)
+        kind = _CONTAINERS.get(head[:4])
+        if len(head) < 12 or kind is None or head[8:12] not in kind[1]:
+            return
+        order, _, samples_chunk = kind
+        size = os.fstat(f.fileno()).st_size
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk, n = struct.unpack(f'{order}4sI', f.read(8))
+            if chunk == samples_chunk:
+                held = size - pos - 8
+                if n not in (0, 0xFFFFFFFF) and n > held:
+                    raise AudioError(f'{path}: the file is truncated: its header promises {n} bytes of audio '
+                                     f'data, the file holds {held} (a copy cut short?)')
+                return
+            pos += 8 + n + (n & 1)  # chunks are padded to an even size
 
 
 def find_audio_files(root: str | Path, suffixes: tuple[str, ...] = AUDIO_SUFFIXES) -> list[Path]:

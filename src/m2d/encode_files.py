@@ -1,25 +1,24 @@
 """Encode audio files into M2D features on disk (the library behind `m2d encode`).
 
-Files are read ahead in background threads (soundfile and soxr release the GIL), clips of equal
-length are encoded together in batches, and every output is written atomically, so an interrupted
-run never leaves a truncated ``.npy``. A file that fails (unreadable, empty, ...) is recorded with
-the reason and the run goes on.
+A job of `m2d.jobs`: files are read ahead in background threads (soundfile and soxr release the
+GIL), clips of equal length are encoded together in batches, and every output is written
+atomically, so an interrupted run never leaves a truncated ``.npy``. A file that fails (unreadable,
+empty, cut short, ...) is recorded with the reason and the run goes on.
 """
 
 from __future__ import annotations
 
 import logging
 import zipfile
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .audio import AUDIO_SUFFIXES, find_audio_files, load_audio
+from . import jobs
+from .audio import AUDIO_SUFFIXES, load_audio
 from .fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -42,14 +41,8 @@ class EncodeResult:
                  + (f' into {self.npz}' if self.npz else '')
                  + (f', skipped {len(self.skipped)} already encoded' if self.skipped else '')
                  + f', {len(self.failed)} failed']
-        lines += [f'  FAILED {path}: {reason}' for path, reason in self.failed]
+        lines += [f'  FAILED {reason}' for _, reason in self.failed]  # each reason names its file
         return '\n'.join(lines)
-
-
-@dataclass(frozen=True)
-class _Item:
-    path: Path
-    key: str  # relative path without the audio suffix, POSIX separators
 
 
 def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
@@ -78,59 +71,6 @@ def parse_layers(spec: str | None, depth: int) -> list[int] | None:
             raise ValueError(f'--layers {spec!r}: layer {i} is out of range for a {depth}-layer encoder')
         layers.append(i % depth)
     return layers
-
-
-def collect_inputs(inputs: Iterable[str | Path], suffixes: Sequence[str] = AUDIO_SUFFIXES
-                   ) -> tuple[list[_Item], list[tuple[Path, str]]]:
-    """Audio files under `inputs` (files or folders, recursive) with their output keys.
-
-    A folder's files are keyed by their path relative to that folder, a file by its name; a key
-    that two inputs share is reported as a failure for the second one.
-    """
-    items, failed, seen = [], [], {}
-    for inp in inputs:
-        inp = Path(inp)
-        if inp.is_dir():
-            pairs = [(p, p.relative_to(inp)) for p in find_audio_files(inp, tuple(suffixes))]
-            if not pairs:
-                failed.append((inp, f'no audio files ({", ".join(suffixes)}) in this folder'))
-        elif inp.exists():
-            pairs = [(inp, Path(inp.name))]
-        else:
-            failed.append((inp, 'no such file or folder'))
-            continue
-        for path, rel in pairs:
-            key = rel.with_suffix('').as_posix()
-            if key in seen:
-                failed.append((path, f'same output name {key!r} as {seen[key]}'))
-                continue
-            seen[key] = path
-            items.append(_Item(path, key))
-    return items, failed
-
-
-def _read_ahead(items: Sequence[_Item], sample_rate: int, workers: int, window: int
-                ) -> Iterator[tuple[_Item, np.ndarray | Exception]]:
-    """Yield (item, waveform or the exception) in order, loading up to `window` files ahead."""
-    def load(item: _Item) -> np.ndarray | Exception:
-        try:
-            return load_audio(item.path, sample_rate)
-        except Exception as e:  # reported per file; the run goes on
-            return e
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: deque[tuple[_Item, Future]] = deque()
-        it = iter(items)
-        for item in it:
-            pending.append((item, pool.submit(load, item)))
-            if len(pending) >= window:
-                break
-        while pending:
-            item, fut = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(load, nxt)))
-            yield item, fut.result()
 
 
 class _Encoder:
@@ -164,9 +104,8 @@ def encode_files(runtime, inputs: Iterable[str | Path], output_dir: str | Path |
     relative path without suffix (e.g. ``'speaker1/take2'``). Shapes per file: ``[T', D]``; with
     `pool` 'mean' ``[D]``; with `layers` a leading layer axis ``[L, T', D]`` / ``[L, D]``.
     Clips of equal length are batched (up to `batch_size`); others are encoded on their own.
+    A job of `m2d.jobs`: `num_workers` threads read ahead; a second job into `output_dir` is refused.
     """
-    from tqdm import tqdm
-
     if (output_dir is None) == (npz is None):
         raise ValueError('give exactly one of output_dir (a .npy per file) or npz (one file)')
     if pool not in POOLS:
@@ -175,69 +114,25 @@ def encode_files(runtime, inputs: Iterable[str | Path], output_dir: str | Path |
         raise ValueError(f'batch_size {batch_size}: must be at least 1')
     device = torch.device(device) if device is not None else next(runtime.parameters()).device
     runtime = runtime.to(device).eval()
-    encoder = _Encoder(runtime, device, layers, pool)
-    out_root = Path(output_dir) if output_dir is not None else None
+    sample_rate = runtime.sample_rate
 
-    items, failed = collect_inputs(inputs, suffixes)
-    result = EncodeResult(failed=failed, npz=Path(npz) if npz is not None else None)
-    if out_root is not None and skip_existing:
-        todo = []
-        for item in items:
-            (result.skipped if (out_root / f'{item.key}.npy').exists() else todo).append(item)
-        items = todo
-    arrays: dict[str, np.ndarray] = {}
-
-    def emit(item: _Item, feature: np.ndarray) -> None:
-        if out_root is None:
-            arrays[item.key] = feature
-            result.encoded[item.key] = result.npz
-            return
-        dst = out_root / f'{item.key}.npy'
-        with atomic_path(dst) as tmp:
-            np.save(tmp, feature)
-        result.encoded[item.key] = dst
-
-    def run(batch: list[tuple[_Item, np.ndarray]], bar) -> None:
-        try:
-            features = encoder([w for _, w in batch])
-        except Exception as e:
-            if len(batch) > 1:  # find the culprit (or survive an out-of-memory batch) one clip at a time
-                log.debug('batch of %d failed (%s); encoding one by one', len(batch), e)
-                for one in batch:
-                    run([one], bar)
-                return
-            item = batch[0][0]
-            result.failed.append((item.path, f'encoding failed: {type(e).__name__}: {e}'))
-            bar.update(1)
-            return
-        for (item, _), feature in zip(batch, features):
-            try:
-                emit(item, feature)
-            except OSError as e:
-                result.failed.append((item.path, f'cannot write the output: {e}'))
-            bar.update(1)
-
-    pending: dict[int, list[tuple[_Item, np.ndarray]]] = {}  # clip length -> clips waiting for a batch
-    max_waiting = 4 * batch_size
-    with tqdm(total=len(items), unit='file', desc='encode', disable=not progress) as bar:
-        window = max(2 * batch_size, 8)
-        for item, wav in _read_ahead(items, runtime.sample_rate, num_workers, window):
-            if isinstance(wav, Exception):
-                result.failed.append((item.path, str(wav) if str(wav).startswith(str(item.path))
-                                      else f'{type(wav).__name__}: {wav}'))
-                bar.update(1)
-                continue
-            group = pending.setdefault(len(wav), [])
-            group.append((item, wav))
-            if len(group) == batch_size:
-                run(pending.pop(len(wav)), bar)
-            elif sum(map(len, pending.values())) > max_waiting:  # many lengths: flush the largest group
-                run(pending.pop(max(pending, key=lambda n: len(pending[n]))), bar)
-        for length in list(pending):
-            run(pending.pop(length), bar)
-
-    if result.npz is not None and arrays:
-        write_npz(result.npz, arrays)
+    plan = jobs.plan(list(inputs), output_dir, name='encode', suffixes=suffixes, overwrite=not skip_existing)
+    s = jobs.run(plan, read=lambda item: load_audio(item.src, sample_rate), transform=_Encoder(runtime, device, layers, pool),
+                 write=_save if output_dir is not None else None, batch_key=len, batch_size=batch_size,
+                 threads=num_workers, progress=progress)
+    jobs.finish(s, plan, files_csv=False, failures_csv=False)
+    result = EncodeResult(skipped=[item.src for item in plan.skipped], failed=[(Path(f), r) for f, r in s.failed],
+                          npz=Path(npz) if npz is not None else None)
+    if result.npz is None:
+        result.encoded = {key: plan.dest / f'{key}.npy' for key in s.done_keys}
+    elif s.results:
+        write_npz(result.npz, s.results)
+        result.encoded = dict.fromkeys(s.done_keys, result.npz)
     if result.failed:
         log.warning('%d file(s) failed; see the summary', len(result.failed))
     return result
+
+
+def _save(item: jobs.Item, feature: np.ndarray) -> None:
+    with atomic_path(item.dst) as tmp:
+        np.save(tmp, feature)

@@ -296,7 +296,8 @@ def run(plan: Plan, *, read: Callable[[Item], Any], transform: Callable[[list[An
 
 def finish(summary: Summary, plan: Plan, *, files_csv: bool = True, failures_csv: bool = True) -> Summary:
     """Write ``DEST/<name>_failures.csv`` (or remove a stale one) and ``DEST/files.csv`` (the outputs
-    under DEST, via `m2d.data.filelist`); release the lock; log the one-line result."""
+    under DEST, via `m2d.data.filelist`); release the lock; log the one-line result and the first
+    failures."""
     try:
         if plan.dest is not None and failures_csv:
             path = plan.dest / f'{plan.name}_failures.csv'
@@ -317,6 +318,11 @@ def finish(summary: Summary, plan: Plan, *, files_csv: bool = True, failures_csv
         plan.release()
     summary.seconds = time.perf_counter() - plan.started
     log.info('%s', summary)
+    for _, reason in summary.failed[:5]:
+        log.warning('failed: %s', reason)
+    if len(summary.failed) > 5:
+        log.warning('... and %d more%s', len(summary.failed) - 5,
+                    f' in {summary.failures_csv}' if summary.failures_csv else '')
     return summary
 
 

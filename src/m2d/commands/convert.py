@@ -13,11 +13,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--workers', type=int, default=None,
                         help='worker processes (default: CPU count; 0: convert in this process)')
     parser.add_argument('--overwrite', action='store_true', help='convert again files whose output exists')
-    parser.add_argument('--min-seconds', type=float, default=0.0,
+    parser.add_argument('--min_seconds', '--min-seconds', dest='min_seconds', type=float, default=0.0,
                         help='zero-pad shorter clips at the end to this duration (the reference uses 6.1); default 0')
     parser.add_argument('--suffix', action='append', default=None, metavar='SUFFIX',
                         help='only files with this suffix (repeatable, case-insensitive), e.g. --suffix .flac')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+    parser.add_argument('--no_progress', '--no-progress', dest='no_progress', action='store_true',
+                        help='no progress bar')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,10 +26,5 @@ def run(args: argparse.Namespace) -> int:
 
     s = convert(args.src, args.dest, sr=args.sr, workers=args.workers, overwrite=args.overwrite,
                 min_seconds=args.min_seconds, suffixes=args.suffix, progress=not args.no_progress)
-    print(s)
-    if s.failed:
-        print(f'{len(s.failed)} files failed; reasons in {s.failures_csv}')
-        for _, reason in s.failed[:5]:
-            print(f'  {reason}')
-    print(f'file list: {s.files_csv}')
+    print(f'{s}; file list: {s.files_csv}' + (f'; failures: {s.failures_csv}' if s.failed else ''))
     return s.exit_code

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-
-from . import CommandError
 
 EPILOG = """\
 Writes DEST/<relative path>.npz per audio file under SRC: arr_0 the log-mel spectrogram [1, 80, T]
@@ -21,7 +18,7 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..teacher import DEFAULT_TEACHER
+    from ..data.teacher_features import DEFAULT_TEACHER
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
@@ -33,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='hidden_states indices (0 = CNN output); several are concatenated (default: 9)')
     parser.add_argument('--min_seconds', '--min-seconds', dest='min_seconds', type=float, default=7.0,
                         help='pad shorter clips to this duration (default: 7)')
-    parser.add_argument('--batch-size', '--batch_size', dest='batch_size', type=int, default=8,
+    parser.add_argument('--batch_size', '--batch-size', dest='batch_size', type=int, default=8,
                         help='clips of equal padded length run together (default: 8)')
     parser.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
     parser.add_argument('--dtype', choices=['float32', 'float16'], default='float32',
@@ -46,21 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..teacher import extract_teacher_features
+    from ..data.teacher_features import extract_teacher_features
 
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        s = extract_teacher_features(args.src, args.dest, args.teacher, min_seconds=args.min_seconds,
-                                     layers=tuple(args.layers), batch_size=args.batch_size,
-                                     overwrite=args.overwrite, progress=not args.quiet, device=device,
-                                     dtype=args.dtype, workers=args.workers)
-    except (ImportError, OSError, ValueError) as e:
-        raise CommandError(str(e)) from None
-    if not (s.written or s.skipped or s.failed):
-        raise CommandError(f'{args.src}: no audio files found') from None
-    print(f'{s.written} written, {s.skipped} skipped, {len(s.failed)} failed; list: {s.files_csv}')
-    for f, reason in s.failed[:20]:
-        print(f'  failed: {f}: {reason}', file=sys.stderr)
-    if len(s.failed) > 20:
-        print(f'  ... {len(s.failed) - 20} more in {args.dest}/teacher_failures.csv', file=sys.stderr)
-    return 1 if s.failed and not (s.written or s.skipped) else 0
+    s = extract_teacher_features(args.src, args.dest, args.teacher, min_seconds=args.min_seconds,
+                                 layers=tuple(args.layers), batch_size=args.batch_size, overwrite=args.overwrite,
+                                 progress=not args.quiet, device=device, dtype=args.dtype, workers=args.workers)
+    print(f'{s}; file list: {s.files_csv}' + (f'; failures: {s.failures_csv}' if s.failed else ''))
+    return s.exit_code

@@ -96,7 +96,7 @@ def parse_lr(text: str) -> str:
 
 def experiment_base(ckpt: str) -> str:
     """`PARENT-STEM` of a weight file, as the scripts name experiments; a released name stays as is."""
-    path = Path(ckpt)
+    path = Path(ckpt).expanduser()
     if path.suffix or len(path.parts) > 1 or path.exists():
         return f'{path.resolve().parent.name}-{path.stem}'
     return str(ckpt)

@@ -296,3 +296,30 @@ def test_32k_preset(fsdd_dir, tmp_path):
         ref = reference_lms(f, sr=32000)
         assert out.shape == ref.shape and out.shape[-1] == 1 + len(load_audio(f, 32000)) // 320
         assert np.abs(out - ref).max() <= 1e-3
+
+
+def test_a_second_conversion_into_the_same_folder_stops_with_a_clear_message(fsdd_dir, tmp_path, capsys):
+    from m2d.cli import main
+
+    n = 120
+    link_fsdd(fsdd_dir, tmp_path / 'src', n)
+    dest = tmp_path / 'out'
+    cmd = [sys.executable, '-m', 'm2d', 'convert', str(tmp_path / 'src'), str(dest), '--workers', '1',
+           '--min-seconds', '6.1', '--no-progress']
+    env = dict(os.environ, PYTHONPATH=str(ROOT / 'src'))
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(dest.glob('*.npy')) and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None, 'the first conversion ended before the second started'
+        assert main(['convert', str(tmp_path / 'src'), str(dest), '--workers', '0', '--no-progress',
+                     '--overwrite']) == 2
+        err = capsys.readouterr().err
+        assert f'm2d convert: error: {dest}: another job is writing into this folder (pid {first.pid}' in err
+        assert first.wait(120) == 0
+    finally:
+        first.kill()
+        first.wait()
+    assert len(_all_valid(dest)) == n and not [p for p in dest.iterdir() if p.name.startswith('.')]
+    assert len(read_csv(dest / 'files.csv')) == n

@@ -109,3 +109,42 @@ def test_presets_are_the_seed_statistics(capsys):
         assert f'lr={task.lr}\n' in script
     assert main(['superb', 'stats', '--preset', 'voxceleb1', '--ckpt', CKPT]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f'-k {CKPT},-10.571271,4.3681135'
+
+
+FAKE_S3PRL = '''
+import os, sys
+args = sys.argv[1:]
+mode = args[args.index('-m') + 1]
+with open('calls.txt', 'a') as f:
+    f.write(' '.join(args) + '\\n')
+if mode == 'train':
+    exp = 'result/downstream/' + args[args.index('-n') + 1]
+    os.makedirs(exp, exist_ok=True)
+    open(exp + '/dev-best.ckpt', 'w').close()
+    sys.exit(int(os.environ.get('FAIL_TRAIN', '0')))
+exp = os.path.dirname(args[args.index('-e') + 1])
+with open(exp + '/log.log', 'a') as f:
+    f.write('test at step 0: 0.875\\n')
+'''
+
+
+def test_run_calls_train_then_evaluate_and_reports(tmp_path, capsys, monkeypatch):
+    """`m2d superb run` with a stand-in run_downstream.py: train, evaluate, where the result is, the table."""
+    import sys
+
+    pkg = tmp_path / 's3prl'
+    pkg.mkdir()
+    (pkg / 'run_downstream.py').write_text(FAKE_S3PRL)
+    assert main(['superb', 'run', 'ER', '--ckpt', CKPT, '--s3prl_root', str(tmp_path), '--folds', 'fold1,fold3',
+                 '--python', sys.executable]) == 0
+    calls = (pkg / 'calls.txt').read_text().splitlines()
+    assert [c.split()[1] for c in calls] == ['train', 'evaluate', 'train', 'evaluate']
+    out = capsys.readouterr().out
+    exp = pkg / 'result' / 'downstream' / 'm2d_s_vit_base-80x608p80x2-230220-checkpoint-1000-ER-lr1e-5-s7-fold3'
+    assert f'acc (%) 87.50 (in {exp}/log.log)' in out
+    assert out.splitlines()[-1].split()[-1] == '87.50'  # ER column of the summary
+    monkeypatch.setenv('FAIL_TRAIN', '3')
+    assert main(['superb', 'run', 'KS', '--ckpt', CKPT, '--s3prl_root', str(tmp_path), '--python', sys.executable]) == 2
+    err = capsys.readouterr().err
+    assert 's3prl train of' in err and 'failed (exit status 3)' in err
+    assert (pkg / 'calls.txt').read_text().splitlines()[-1].split()[1] == 'train'  # no evaluate after a failure

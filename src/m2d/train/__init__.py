@@ -1,11 +1,12 @@
 """Pre-training: options (`TrainConfig`), schedules, processes (torchrun/DDP), per-item seeding,
-monitoring (log.jsonl, curves, effective rank) and the loop (`train`)."""
+checkpoints and resume (`state`), monitoring (log.jsonl, curves, effective rank), evaluation of
+checkpoints in separate processes (`evaluation`) and the loop (`train`)."""
 
-from .config import TrainConfig, add_arguments, config_from_args
+from .config import ConfigError, TrainConfig, add_arguments, config_from_args
 from .schedule import ema_decay, learning_rate
 
-__all__ = ['TrainConfig', 'add_arguments', 'config_from_args', 'ema_decay', 'learning_rate', 'train',
-           'NonFiniteLossError']
+__all__ = ['ConfigError', 'TrainConfig', 'add_arguments', 'config_from_args', 'ema_decay', 'learning_rate', 'train',
+           'NonFiniteLossError', 'TrainResult']
 
 
 def __getattr__(name: str):

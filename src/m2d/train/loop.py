@@ -213,6 +213,21 @@ def _inputs(batch: dict, model: torch.nn.Module, teacher, opts: TrainConfig, env
     return x, mask, target
 
 
+def _check_finite(what: str, value: float, step: int, epoch: int, it: int, last: Path | None) -> None:
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f'non-finite {what} ({value}) at step {step + 1} (epoch {epoch}, iteration {it}); stopped before updating '
+            f'the weights. Last good checkpoint: {last or "none written yet"}. Check the data (NaN/inf in the LMS '
+            'files, --norm_stats) or lower the learning rate.')
+
+
+def _effective_rank(model: torch.nn.Module, batches: _FeatureBatches, device: torch.device, bf16: bool) -> float:
+    t0 = time.perf_counter()
+    rank = encoder_effective_rank(model, batches, device, bf16)
+    log.info('effective rank of patch features: %.2f (%.1f s)', rank, time.perf_counter() - t0)
+    return rank
+
+
 def _no_sync(model: torch.nn.Module, sync: bool):
     """DDP's gradient all-reduce only at the last micro-step of an accumulation group."""
     return model.no_sync() if isinstance(model, DDP) and not sync else contextlib.nullcontext()
@@ -319,22 +334,14 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
                 with _no_sync(model, sync), autocast:
                     loss, _, extras = model(x, mask=mask, target_offline=target)
                 loss_value = distributed.mean_over_ranks(loss.detach().float(), env).item()
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(
-                        f'non-finite loss ({loss_value}) at step {step + 1} (epoch {epoch}, iteration {it}); stopped '
-                        f'before updating the weights. Last good checkpoint: {checkpoints.last or "none written yet"}. '
-                        'Check the data (NaN/inf in the LMS files, --norm_stats) or lower the learning rate.')
+                _check_finite('loss', loss_value, step, epoch, it, checkpoints.last)
                 with _no_sync(model, sync):
                     (loss / opts.accum_iter).backward()
                 grad_norm = None
                 if sync:
                     decay = ema_decay(step, total_steps, opts.ema_decay_init, opts.ema_decay)
                     grad_norm = apply_update(raw_model, optimizer, trainable, opts.clip_grad, decay)
-                    if not math.isfinite(grad_norm):
-                        raise NonFiniteLossError(
-                            f'non-finite gradient norm ({grad_norm}) at step {step + 1} (epoch {epoch}, iteration '
-                            f'{it}); stopped before updating the weights. '
-                            f'Last good checkpoint: {checkpoints.last or "none written yet"}.')
+                    _check_finite('gradient norm', grad_norm, step, epoch, it, checkpoints.last)
                 step += 1
                 epoch_pos = epoch + (it + 1) / iters_per_epoch
                 monitor.step(step, epoch_pos, loss_value, lr_now, decay, grad_norm,
@@ -356,10 +363,7 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
             epoch_done = epoch + 1
             values = {}
             if feature_batches is not None and epoch_done % opts.feature_eval_freq == 0:
-                t0 = time.perf_counter()
-                values['effective_rank'] = encoder_effective_rank(raw_model, feature_batches, device, opts.bf16)
-                log.info('effective rank of patch features: %.2f (%.1f s)', values['effective_rank'],
-                         time.perf_counter() - t0)
+                values['effective_rank'] = _effective_rank(raw_model, feature_batches, device, opts.bf16)
             monitor.epoch(epoch_done, step, lr=lr_now, ema_decay=decay, **values)
             if opts.stop_at and epoch_done >= opts.stop_at:
                 log.info('--stop_at %d: stopping after epoch %d', opts.stop_at, epoch_done)

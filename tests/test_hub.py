@@ -130,9 +130,9 @@ def cache_entries(tmp_path) -> list[str]:
 
 def test_release_table():
     assert len(hub.RELEASES) == 15
-    assert hub.RELEASES['m2d_clap_vit_base-80x608p16x16-240128'] == 'v0.1.0'
-    assert hub.RELEASES['m2d_s_vit_base-80x400p80x2-230201'] == 'v0.2.0'
-    assert hub.RELEASES['m2d_as_vit_base-80x1001p16x16p32k-240413_AS-FT_enconly'] == 'v0.3.0'
+    assert hub.RELEASES['m2d_clap_vit_base-80x608p16x16-240128'].tag == 'v0.1.0'
+    assert hub.RELEASES['m2d_s_vit_base-80x400p80x2-230201'].tag == 'v0.2.0'
+    assert hub.RELEASES['m2d_as_vit_base-80x1001p16x16p32k-240413_AS-FT_enconly'].tag == 'v0.3.0'
     assert hub.is_released_name(NAME) and not hub.is_released_name('m2d_vit_base')
     assert (hub.release_url(NAME, base_url='https://example.org/dl/')
             == f'https://example.org/dl/v0.1.0/{NAME}.zip')
@@ -257,5 +257,22 @@ def test_download_command(server, release, tmp_path, capsys):
     listing = capsys.readouterr().out
     assert f'{NAME}' in listing and str(other / NAME / 'checkpoint-10.pth') in listing
     assert 'm2d_s_vit_base-80x608p80x2-230220' in listing and len(listing.strip().splitlines()) == 16
-    assert main(['download', 'm2d_vit_base-80x608p16x16-221006-mr8', '--cache', str(other)]) == 1
-    assert 'Did you mean' in capsys.readouterr().err
+    assert main(['download', 'm2d_vit_base-80x608p16x16-221006-mr8', NAME, '--cache', str(other)]) == 2
+    assert 'Did you mean' in capsys.readouterr().err  # every name is checked before any download
+
+
+def test_recorded_sha256_is_verified(server, release, tmp_path, monkeypatch):
+    import hashlib
+
+    data, best = release
+    server.files[f'/v0.1.0/{NAME}.zip'] = data
+    good = hashlib.sha256(data).hexdigest()
+    bad = hashlib.sha256(b'another archive').hexdigest()
+    monkeypatch.setitem(hub.RELEASES, NAME, hub.Release('v0.1.0', bad))
+    with pytest.raises(hub.DownloadError) as e:
+        hub.download(NAME, progress=False)
+    assert f'{NAME}.zip' in str(e.value) and good in str(e.value) and bad in str(e.value)
+    assert isinstance(e.value, m2d.errors.M2DError) and cache_entries(tmp_path) == []  # the download was deleted
+    monkeypatch.setitem(hub.RELEASES, NAME, hub.Release('v0.1.0', good.upper()))
+    assert hub.download(NAME, progress=False).read_bytes() == best.read_bytes()
+    assert not any(r.sha256 for r in hub.RELEASES.values() if r is not hub.RELEASES[NAME])  # none recorded yet

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .errors import M2DError
 from .fileio import atomic_path
 from .vit import WIDTHS, ViTConfig, sincos_pos_embed_2d
 
@@ -39,7 +40,7 @@ _NAME_RE = re.compile(
     r'^(?P<model>[A-Za-z0-9_]+)-(?P<f>\d+)x(?P<t>\d+)p(?P<ph>\d+)x(?P<pw>\d+)(?:p(?P<sr>\d+)k)?(?=-|_|$)')
 
 
-class CheckpointError(ValueError):
+class CheckpointError(M2DError, ValueError):
     """A weight file that cannot be loaded as asked; the message names the file and the reason."""
 
 

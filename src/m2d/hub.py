@@ -7,7 +7,8 @@
 Each release is a zip on GitHub holding one folder named after the model. The download goes to
 ``CACHE/NAME.zip.part``; an interrupted download is resumed (HTTP Range) by the next call. The zip's
 CRCs are checked, it is extracted into a temporary folder in the cache and renamed to ``CACHE/NAME``
-in one step, and the zip is deleted: ``CACHE/NAME`` exists only when it is complete.
+in one step, and the zip is deleted: ``CACHE/NAME`` exists only when it is complete. When the table
+of releases records the SHA-256 of a zip, the download is checked against it first (as whisper does).
 
 Environment: ``M2D_CACHE`` (cache folder, default ``~/.cache/m2d``), ``M2D_RELEASE_URL`` (base URL
 of the release downloads, e.g. a mirror).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import logging
 import os
 import re
@@ -27,16 +29,30 @@ import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
+
+from .errors import M2DError
 
 log = logging.getLogger(__name__)
 
 RELEASE_URL = 'https://github.com/nttcslab/m2d/releases/download'
-WEIGHT_SUFFIXES = ('.pth', '.safetensors')
+WEIGHT_SUFFIXES = ('.pth', '.pt', '.safetensors')
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60.0
 
-# model name -> release tag (the zip is RELEASE_URL/TAG/NAME.zip)
-RELEASES: dict[str, str] = {
+
+
+class Release(NamedTuple):
+    """A released model: its release tag (the zip is RELEASE_URL/TAG/NAME.zip) and the SHA-256 of the zip."""
+
+    tag: str
+    sha256: str | None = None  # hex digest; None: not recorded, only the zip's CRCs are checked
+
+
+# model name -> Release. The SHA-256 digests of the published zips are not recorded yet: they could
+# not be computed here (no network access). Add each as Release('v0.1.0', '<hex digest>') once
+# computed from the published file; downloads of releases with a digest are then verified.
+RELEASES: dict[str, Release] = {
     **dict.fromkeys([
         'm2d_vit_base-80x608p16x16-221006-mr7',
         'm2d_vit_base-80x608p16x16-221006-mr6',
@@ -46,22 +62,22 @@ RELEASES: dict[str, str] = {
         'm2d_as_vit_base-80x608p16x16-240213',
         'm2d_clap_vit_base-80x608p16x16-240128',
         'm2d_as_vit_base-80x608p16x16p32k-240413_enconly',
-    ], 'v0.1.0'),
+    ], Release('v0.1.0')),
     **dict.fromkeys([
         'm2d_s_vit_base-80x608p80x2-230220',
         'm2d_s_vit_base-80x512p80x2-230301',
         'm2d_s_vit_base-80x400p80x2-230201',
-    ], 'v0.2.0'),
+    ], Release('v0.2.0')),
     **dict.fromkeys([
         'm2d_vit_base-80x1001p16x16-221006-mr7_as_46ab246d',
         'm2d_as_vit_base-80x1001p16x16-240213_AS-FT_enconly',
         'm2d_clap_vit_base-80x1001p16x16-240128_AS-FT_enconly',
         'm2d_as_vit_base-80x1001p16x16p32k-240413_AS-FT_enconly',
-    ], 'v0.3.0'),
+    ], Release('v0.3.0')),
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(M2DError, RuntimeError):
     """A release that could not be downloaded or unpacked; the message names the model and URL."""
 
 
@@ -69,7 +85,7 @@ class InterruptedDownload(DownloadError):
     """A transfer that stopped early; the ``.part`` file is kept and the next call resumes it."""
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(M2DError, ValueError):
     """A name that is not a released model; the message lists close names."""
 
 
@@ -99,7 +115,7 @@ def release_url(name: str, base_url: str | None = None) -> str:
     """URL of the release zip of `name` (base: `base_url`, else ``$M2D_RELEASE_URL``, else RELEASE_URL)."""
     _check_name(name)
     base = base_url or os.environ.get('M2D_RELEASE_URL') or RELEASE_URL
-    return f'{base.rstrip("/")}/{RELEASES[name]}/{name}.zip'
+    return f'{base.rstrip("/")}/{RELEASES[name].tag}/{name}.zip'
 
 
 def _epoch(path: Path) -> int:
@@ -218,6 +234,17 @@ def fetch_url(url: str, dest: str | Path, desc: str | None = None, progress: boo
     return dest
 
 
+def _check_sha256(path: Path, name: str, url: str, expected: str) -> None:
+    """Raise DownloadError unless the SHA-256 of `path` is `expected` (hex)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    if digest.hexdigest() != expected.lower():
+        raise DownloadError(f'{name}: {path.name} downloaded from {url} has SHA-256 {digest.hexdigest()}, expected '
+                            f'{expected.lower()}; it was deleted, run again to download it anew')
+
+
 def _check_zip(path: Path, name: str, url: str) -> None:
     try:
         with zipfile.ZipFile(path) as z:
@@ -258,7 +285,8 @@ def download(name: str, cache: str | Path | None = None, progress: bool = True,
     """Download and unpack the release `name` into the cache (if not there yet); returns its weight file.
 
     An interrupted transfer is resumed up to `retries` times at once; when it still fails,
-    ``CACHE/NAME.zip.part`` stays so that the next call resumes it. A corrupt zip is deleted.
+    ``CACHE/NAME.zip.part`` stays so that the next call resumes it. A zip whose SHA-256 differs from
+    the one recorded in RELEASES, or that is corrupt, is deleted.
     """
     _check_name(name)
     root = cache_dir(cache)
@@ -279,6 +307,8 @@ def download(name: str, cache: str | Path | None = None, progress: bool = True,
             raise DownloadError(f'{e}. Without network access, download {url} elsewhere, unzip it and '
                                 'pass the path of the .pth inside instead of the name.') from None
         try:
+            if RELEASES[name].sha256:
+                _check_sha256(zip_path, name, url, RELEASES[name].sha256)
             _check_zip(zip_path, name, url)
             weights = _unpack(zip_path, name, root / name)
         finally:
@@ -295,8 +325,6 @@ def resolve_weights(name: str, trust: bool = False, cache: str | Path | None = N
     del trust
     return download(name, cache=cache)
 
-
-WEIGHT_SUFFIXES = ('.pth', '.pt', '.safetensors')
 
 
 def weights_path(name_or_path: str | Path, cache: str | Path | None = None) -> Path:
@@ -315,4 +343,4 @@ def weights_path(name_or_path: str | Path, cache: str | Path | None = None) -> P
 
 def list_releases(cache: str | Path | None = None) -> list[tuple[str, str, Path | None]]:
     """(name, tag, cached weight file or None) for every released model."""
-    return [(name, tag, cached_weights(name, cache)) for name, tag in RELEASES.items()]
+    return [(name, release.tag, cached_weights(name, cache)) for name, release in RELEASES.items()]

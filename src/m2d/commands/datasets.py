@@ -12,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='URL of the repository zip (default: the public GitHub archive), a local zip, '
                              'or a local folder of recordings')
     parser.add_argument('--link', action='store_true', help='symlink the files of a local --source folder')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+    parser.add_argument('--no_progress', '--no-progress', dest='no_progress', action='store_true',
+                        help='no progress bar')
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 from . import CommandError
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,11 +28,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.names:
         raise CommandError('give model names, or --list to see them')
-    status = 0
-    for name in args.names:
+    for name in args.names:  # every name is checked before anything is downloaded
+        hub.release_url(name)
+    failed: list[hub.DownloadError] = []
+    for name in args.names:  # one failed download does not stop the others
         try:
             print(hub.download(name, cache=args.cache, progress=not args.quiet))
-        except (hub.DownloadError, hub.UnknownModelError) as e:
-            print(f'm2d download: error: {e}', file=sys.stderr)  # report and go on with the other names
-            status = 1
-    return status
+        except hub.DownloadError as e:
+            log.debug('%s', e)
+            failed.append(e)
+    if len(args.names) == 1 and failed:
+        raise failed[0]
+    if failed:
+        raise hub.DownloadError(f'{len(failed)} of {len(args.names)} downloads failed: '
+                                + ' | '.join(map(str, failed)))
+    return 0

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument('--output', '-o', metavar='DIR', help='write one float32 .npy per input file under DIR')
     out.add_argument('--npz', metavar='FILE', help='write all features into one .npz file instead')
     parser.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
-    parser.add_argument('--batch-size', type=int, default=8,
+    parser.add_argument('--batch_size', '--batch-size', dest='batch_size', type=int, default=8,
                         help='clips of equal length encoded together (default 8)')
     parser.add_argument('--layers', default=None, metavar='SPEC',
                         help='per-layer outputs: "all" or indices such as "0,6,11" or "-1" (default: the final output)')
@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='allow weight files that need code to unpickle (only for trusted files)')
     parser.add_argument('--suffix', default=','.join(AUDIO_SUFFIXES), metavar='LIST',
                         help='audio file suffixes searched in folders, comma-separated (default: %(default)s)')
-    parser.add_argument('--skip-existing', action='store_true', help='leave files whose .npy already exists')
+    parser.add_argument('--skip_existing', '--skip-existing', dest='skip_existing', action='store_true',
+                        help='leave files whose .npy already exists')
     parser.add_argument('--workers', type=int, default=2, help='threads reading audio ahead (default 2)')
     parser.add_argument('--quiet', '-q', action='store_true', help='no progress bar')
 
@@ -55,12 +56,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import hub
-    from ..checkpoint import CheckpointError
     from ..encode_files import encode_files, parse_layers
     from ..runtime import RuntimeM2D
 
     if args.batch_size < 1:
-        raise CommandError(f'--batch-size {args.batch_size}: must be at least 1') from None
+        raise CommandError(f'--batch_size {args.batch_size}: must be at least 1')
     names = (x.strip().lower() for x in args.suffix.split(','))
     suffixes = tuple(s if s.startswith('.') else f'.{s}' for s in names if s)
     try:
@@ -68,15 +68,11 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError:
         raise CommandError(f'--device {args.device!r}: not a torch device (e.g. cpu, cuda, cuda:1, mps)') from None
     if device.type == 'cuda' and not torch.cuda.is_available():
-        raise CommandError(f'--device {args.device}: CUDA is not available in this torch build or machine') from None
-    try:
-        weights = hub.weights_path(args.weights)
-        runtime = RuntimeM2D(weights, flat_features=args.flat, bf16=args.bf16, trust=args.trust)
-        if args.compile:
-            runtime.compile()
-        layers = parse_layers(args.layers, runtime.cfg.depth)
-    except (CheckpointError, FileNotFoundError, hub.DownloadError, hub.UnknownModelError, ValueError) as e:
-        raise CommandError(str(e)) from None
+        raise CommandError(f'--device {args.device}: CUDA is not available in this torch build or machine')
+    runtime = RuntimeM2D(hub.weights_path(args.weights), flat_features=args.flat, bf16=args.bf16, trust=args.trust)
+    if args.compile:
+        runtime.compile()
+    layers = parse_layers(args.layers, runtime.cfg.depth)
 
     result = encode_files(runtime, args.inputs, output_dir=args.output, npz=args.npz,
                           batch_size=args.batch_size, layers=layers, pool=args.pool, device=device,

@@ -18,14 +18,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .. import hub
-    from ..checkpoint import CheckpointError, export_encoder
+    from ..checkpoint import export_encoder
 
     if Path(args.output).suffix != '.safetensors':
         raise CommandError(f'{args.output}: the output name must end with .safetensors')
-    try:
-        src = hub.weights_path(args.weights)
-        out = export_encoder(src, args.output, trust=args.trust)
-    except (CheckpointError, FileNotFoundError, hub.DownloadError, hub.UnknownModelError) as e:
-        raise CommandError(str(e)) from None
+    src = hub.weights_path(args.weights)
+    out = export_encoder(src, args.output, trust=args.trust)
     print(f'wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) from {src}')
     return 0

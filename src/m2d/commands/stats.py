@@ -8,14 +8,16 @@ import json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('source', help='folder of .npy files or a CSV list (column file_name)')
-    parser.add_argument('--data-root', default=None,
+    parser.add_argument('--data_root', '--data-root', dest='data_root', default=None,
                         help='folder the CSV paths are relative to (default: the CSV folder, else its parent)')
-    parser.add_argument('--max-files', type=int, default=None, help='use a random sample of this many files')
+    parser.add_argument('--max_files', '--max-files', dest='max_files', type=int, default=None,
+                        help='use a random sample of this many files')
     parser.add_argument('--seed', type=int, default=0, help='seed of the file sample and crops (default 0)')
-    parser.add_argument('--crop-frames', type=int, default=None,
+    parser.add_argument('--crop_frames', '--crop-frames', dest='crop_frames', type=int, default=None,
                         help='one random crop of this many frames per file, zero-padded as in training')
     parser.add_argument('--json', default=None, help='also write the result to this JSON file')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+    parser.add_argument('--no_progress', '--no-progress', dest='no_progress', action='store_true',
+                        help='no progress bar')
 
 
 def run(args: argparse.Namespace) -> int:

@@ -231,24 +231,31 @@ def test_init_msm_mae_and_structured_masks(trained, lms_csv, tmp_path):
     (['--csv_main', 'missing.csv'], 'missing.csv: no such'),
     (['--model', 'm2d_vit_huge'], "--model 'm2d_vit_huge'"),
     (['--init', 'nothing.pth'], 'nothing.pth'),
+    (['--init', 'ENCODER_ONLY'], 'not a full checkpoint of this model'),
+    (['--csv_main', 'MISSING_FILES'], 'gone.npy: cannot load'),
     (['--batch_size', '64'], 'fewer than --batch_size 64'),
     (['--eval', 'fsdd-digits'], '--eval fsdd-digits needs --eval_data_dir'),
     (['--eval', 'suite.toml'], 'no such suite file'),
 ])
 def test_failed_start_leaves_no_run_folder(lms_csv, tmp_path, monkeypatch, capsys, bad, message):
+    from conftest import write_small_checkpoint
     from m2d.cli import main
 
-    monkeypatch.chdir(tmp_path)
-    data = tmp_path / 'lms'  # 8 files
-    data.mkdir()
+    inputs = tmp_path / 'in'
+    data = inputs / 'lms'  # 8 files
+    data.mkdir(parents=True)
     for f in sorted(lms_csv.parent.glob('*.npy'))[:8]:
         (data / f.name).symlink_to(f)
+    (inputs / 'list.csv').write_text('file_name\nlms/gone.npy\n')
+    special = {'ENCODER_ONLY': str(write_small_checkpoint(inputs)), 'MISSING_FILES': str(inputs / 'list.csv')}
+    bad = [special.get(a, a) for a in bad]
+    monkeypatch.chdir(tmp_path)
     argv = [*TINY, '--csv_main', str(data), '--batch-size', '4', '--epochs', '1', '--norm_stats=-2.2,4.7',
             '--num_workers', '0', '--device', 'cpu']
     assert main(['pretrain', *argv, *bad]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count('\n') == 1, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['lms']  # no runs/ folder, no run folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['in']  # no runs/ folder, no run folder
     # the same options without the bad one: the run folder appears under runs/ (the default root)
     assert main(['pretrain', *argv, '--max_steps', '1']) == 0
     (run,) = (tmp_path / 'runs').iterdir()

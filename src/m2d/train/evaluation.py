@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 LINEAR_EVAL = (sys.executable, '-m', 'm2d', 'linear-eval')
 QUICK_OPTIONS = ('--seeds', '1', '--no_baselines')
 LOG_NAME = 'linear_eval.log'
+# torchrun's variables: an evaluation is a process of its own, not a member of the training's group
+TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'GROUP_RANK', 'GROUP_WORLD_SIZE', 'ROLE_RANK',
+                'ROLE_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'TORCHELASTIC_RUN_ID')
 SUMMARY = 'eval_summary'
 TAIL_LINES = 12
 
@@ -179,9 +182,10 @@ class CheckpointEvaluator:
                 '--device', self.device, '--quiet', *(() if job.final else QUICK_OPTIONS)]
         job.output_dir.mkdir(parents=True, exist_ok=True)
         job.log_file = open(job.output_dir / LOG_NAME, 'w')
+        env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
         try:
             job.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=job.log_file, stderr=subprocess.STDOUT,
-                                        env=dict(os.environ, PYTHONUNBUFFERED='1'))
+                                        env=dict(env, PYTHONUNBUFFERED='1'))
         except OSError as e:
             job.log_file.close()
             log.warning('evaluation of epoch %d could not start (%s): %s', job.epoch, ' '.join(args[:4]), e)

@@ -147,13 +147,18 @@ def load_init(model: torch.nn.Module, path: str) -> None:
     sd = normalize_keys(sd)
     own = model.state_dict()
     sd['norm_stats'] = own['norm_stats']
-    result = model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    unexpected = sorted(set(sd) - set(own))
-    if result.missing_keys or unexpected:
-        raise ConfigError(f'--init {path}: not a full checkpoint of this model: missing {result.missing_keys[:8]}'
-                          f'{"..." if len(result.missing_keys) > 8 else ""}, unexpected {unexpected[:8]}'
-                          f'{"..." if len(unexpected) > 8 else ""}')
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [f'{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}' for k, v in own.items()
+              if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ConfigError(f'--init {path}: not a full checkpoint of this model: missing {_few(missing)}, unexpected '
+                          f'{_few(unexpected)}, other shapes {_few(shapes)}')
+    model.load_state_dict(sd, strict=True)
     log.info('initialized all %d tensors from %s', len(own), path)
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    return '[' + ', '.join(names[:n]) + (', ...' if len(names) > n else '') + ']'
 
 
 def build_model(opts: TrainConfig, dataset: Dataset, norm_stats: tuple[float, float], device: torch.device,
@@ -266,6 +271,7 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
     # ----- data --------------------------------------------------------------------------------
     norm_stats = state.norm_stats_of(ckpt) if ckpt is not None else _norm_stats(opts, env)
     dataset = build_dataset(opts, norm_stats)
+    dataset[0]  # unreadable data fails now, before the run folder exists
     norm_stats = tuple(getattr(dataset, 'norm_stats', None) or norm_stats)
     log.info('training set: %r; norm_stats %.6f, %.6f', dataset, *norm_stats)
     items, sampler, loader = make_loader(opts, env, dataset)

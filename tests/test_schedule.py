@@ -71,3 +71,24 @@ def test_run_name_parses_back():
     with pytest.raises(ValueError, match='--norm_stats'):
         TrainConfig(norm_stats='1,2,3').check()
     assert TrainConfig(norm_stats='[-7.1, 4.2]').parsed_norm_stats() == (-7.1, 4.2)
+
+
+def test_reference_command_lines_parse():
+    """Old command lines keep working: reference option names, their --kebab-case spellings, the
+    README's --dataset, and the ignored reference options (torchrun's --local-rank included)."""
+    import argparse
+
+    from m2d.commands import pretrain
+    from m2d.train.config import config_from_args
+
+    parser = argparse.ArgumentParser()
+    pretrain.add_arguments(parser)
+    old = ['--dataset', 'data/files_fsd50k.csv', '--batch_size', '64', '--accum-iter', '2', '--input_size', '80x208',
+           '--norm-stats=-7.1,4.2', '--eval_after', '10', '--local-rank', '0', '--no_pin_mem', '--no-norm-pix-loss']
+    opts = config_from_args(parser.parse_args(old))
+    assert (opts.csv_main, opts.batch_size, opts.accum_iter, opts.input_hw) == ('data/files_fsd50k.csv', 64, 2,
+                                                                                (80, 208))
+    assert opts.parsed_norm_stats() == (-7.1, 4.2) and opts.norm_pix_loss is False
+    assert (opts.output_root, opts.eval, opts.eval_every) == ('runs', '', 0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--crash_at_step', '3'])  # test-only options are gone from the command line

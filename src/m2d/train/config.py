@@ -284,12 +284,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `m2d pretrain` options (reference names, each also as ``--kebab-case``), defaults from `TrainConfig`."""
     d = TrainConfig()
 
-    def opt(group, name: str, help: str, show_default: bool = True, **kw) -> None:
+    def opt(group, name: str, help: str, show_default: bool = True, aliases: tuple[str, ...] = (), **kw) -> None:
         kw.setdefault('default', getattr(d, name))
         if 'type' not in kw and 'action' not in kw and isinstance(kw['default'], (int, float)):
             kw['type'] = type(kw['default'])
-        group.add_argument(*_flags(name), dest=name, help=help + (' (default %(default)s)' if show_default else ''),
-                           **kw)
+        group.add_argument(*_flags(name), *aliases, dest=name,
+                           help=help + (' (default %(default)s)' if show_default else ''), **kw)
 
     g = parser.add_argument_group('model')
     opt(g, 'model', '(m2d|msm_mae|m2d_s|m2d_x)_vit_(tiny|small|base|large)', metavar='MODEL')
@@ -331,7 +331,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group('data')
     opt(g, 'data_path', 'folder the CSV paths are relative to (default: guessed from the CSV location)', False)
-    opt(g, 'csv_main', 'CSV (column file_name) or folder of the LMS .npy files')
+    opt(g, 'csv_main', 'CSV (column file_name) or folder of the LMS .npy files (--dataset: the reference '
+        "README's name)", aliases=('--dataset',))
     opt(g, 'csv_bg_noise', 'M2D-S: CSV of background-noise LMS files', False)
     opt(g, 'noise_ratio', 'M2D-S: noise mixing ratio')
     opt(g, 'min_ds_size', 'repeat smaller file lists up to this size')

@@ -378,3 +378,15 @@ def test_default_output_dir_and_report_without_matplotlib(run, tmp_path, monkeyp
     md = (tmp_path / 'report.md').read_text()
     assert 'matplotlib is not installed' in md and not (tmp_path / 'learning_curves.png').exists()
     assert json.loads((tmp_path / 'report.json').read_text())['test'] == report['test']
+
+
+@pytest.mark.parametrize('optim, bf16', [('lars', False), ('adamw', True)])
+def test_optimizers_and_bf16(setup, tmp_path, optim, bf16):
+    _, ckpt, csv = setup
+    task = load_task(csv=csv, data_dir=FSDD, unit_sec=0.3)
+    before = load_checkpoint(ckpt).encoder['blocks.0.attn.qkv.weight']
+    report = ft.finetune(ckpt, task, tmp_path, epochs=1, batch_size=10, optim=optim, lr=0.01 if optim == 'lars' else 1e-3,
+                         bf16=bf16, progress=False)
+    after = load_checkpoint(report['checkpoint']).encoder['blocks.0.attn.qkv.weight']
+    assert after.dtype == torch.float32 and not torch.equal(before, after)  # the encoder is trained too
+    assert np.isfinite(report['curves'][0]['train_loss'])

@@ -100,3 +100,25 @@ def test_multilabel_map():
     shuffled = Split(tr.x, tr.y[rng.permutation(len(tr.y))])
     r0 = probe(shuffled, va, te, multilabel=True, n_classes=c, seeds=1, lr=1e-3, epochs=30)
     assert r0.mean < 0.6  # prevalence ~0.3
+
+
+def test_embeddings_select_layers_and_skip_failed_clips():
+    from pathlib import Path
+
+    from m2d.evaluate import Clip
+    from m2d.evaluate.embed import EmbeddingError, Embeddings, parse_layers
+
+    x = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)  # 3 clips, layers [3, 11], 4-d
+    emb = Embeddings('model', ['a', 'b', 'd'], x, layers=[3, 11], failed=[('c.wav', 'unreadable')])
+    clips = [Clip(Path(f'{k}.wav'), k, ('x',), 'test') for k in 'abcd']
+    feats, present = emb.features(clips)
+    assert present.tolist() == [True, True, False, True] and feats.shape == (3, 8)
+    np.testing.assert_array_equal(feats[2], x[2].reshape(-1))  # d: both layers concatenated
+    last, _ = emb.features(clips, [11])
+    np.testing.assert_array_equal(last, x[:, 1])
+    assert parse_layers(None, 12) is None and parse_layers('all', 4) == [0, 1, 2, 3]
+    assert parse_layers('0,-1,11', 12) == [0, 11]
+    with pytest.raises(EmbeddingError, match='out of range'):
+        parse_layers('12', 12)
+    with pytest.raises(EmbeddingError, match='--layers'):
+        parse_layers('last2', 12)

@@ -57,15 +57,15 @@ class Embeddings:
     cached: bool = False
     norm_stats: tuple[float, float] | None = None
 
-    def features(self, clips: Sequence[Clip], layer: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Features of `clips` ``[n, n_layers*D]`` (concatenated layers, or only `layer`'s vector) and a
-        boolean mask ``[len(clips)]`` of the clips that have one (failed clips are absent)."""
+    def features(self, clips: Sequence[Clip], layers: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Features of `clips` ``[n, len(layers)*D]`` (the vectors of `layers` concatenated; default all
+        vectors) and a boolean mask ``[len(clips)]`` of the clips that have one (failed clips are absent)."""
         index = {k: i for i, k in enumerate(self.keys)}
         present = np.array([c.key in index for c in clips], dtype=bool)
         rows = [index[c.key] for c in clips if c.key in index]
         x = self.x[rows]
-        if layer is not None:
-            x = x[:, self.layers.index(layer)]
+        if layers is not None:
+            x = x[:, [self.layers.index(i) for i in layers]]
         return x.reshape(len(rows), -1), present
 
     @property

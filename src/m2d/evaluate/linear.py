@@ -100,12 +100,13 @@ def default_output_dir(weights: str | Path, task: Task) -> Path:
 # probing embeddings
 
 
-def split_features(task: Task, emb: Embeddings, layer: int | None = None) -> dict[str, Split]:
-    """Train/valid/test features and targets of `emb` (clips that failed are left out)."""
+def split_features(task: Task, emb: Embeddings, layers: Sequence[int] | None = None) -> dict[str, Split]:
+    """Train/valid/test features (the vectors of `layers` concatenated; default all of `emb`) and
+    targets (clips that failed are left out)."""
     out = {}
     for s in SPLITS:
         clips = task.split(s)
-        x, present = emb.features(clips, layer)
+        x, present = emb.features(clips, layers)
         out[s] = Split(x, task.targets(clips)[present])
         if len(x) == 0:
             raise EmbeddingError(f'{task.source}: no clip of the {s} split could be embedded')
@@ -113,9 +114,9 @@ def split_features(task: Task, emb: Embeddings, layer: int | None = None) -> dic
 
 
 def run_probe(task: Task, emb: Embeddings, opts: LinearOptions, device: str, desc: str,
-              layer: int | None = None) -> ProbeResult:
-    """The linear probe with every seed on `emb` (one `layer`'s vector, or all vectors concatenated)."""
-    sp = split_features(task, emb, layer)
+              layers: Sequence[int] | None = None) -> ProbeResult:
+    """The linear probe with every seed on `emb` (the vectors of `layers` concatenated; default all)."""
+    sp = split_features(task, emb, layers)
     return probe(sp['train'], sp['valid'], sp['test'], multilabel=task.multilabel, n_classes=len(task.classes),
                  seeds=opts.seeds, seed=opts.seed, lr=opts.lr, epochs=opts.epochs, patience=opts.patience,
                  batch_size=opts.batch_size, device=device, progress=opts.progress, desc=desc)
@@ -149,7 +150,7 @@ def check_failures(task: Task, emb: Embeddings, max_failed: float) -> dict[str, 
     return info
 
 
-def _class_results(task: Task, result: ProbeResult, emb: Embeddings) -> tuple[dict[str, float], list | None]:
+def _class_results(task: Task, result: ProbeResult, emb: Embeddings) -> tuple[dict[str, float | None], list | None]:
     """Per-class accuracy (single-label; per-class AP for multi-label), averaged over seeds, and the
     confusion matrix of the first seed (single-label only)."""
     test = task.split('test')
@@ -228,11 +229,11 @@ def evaluate_weights(weights: str | Path, task: Task, output_dir: str | Path | N
     timings['norm_stats_s'] = time.perf_counter() - t0
 
     depth = runtime.cfg.depth
-    layers = parse_layers(opts.layers, depth)
-    if opts.per_layer and layers is None:
-        layers = list(range(depth))
+    layers = parse_layers(opts.layers, depth)  # None: the last layer (the final output)
+    model_layers = layers if layers is not None else [depth - 1]
+    extract = (layers or list(range(depth))) if opts.per_layer else layers
     sha = file_sha256(path)
-    emb = model_embeddings(runtime, task, identity={'weights_sha256': sha}, layers=layers,
+    emb = model_embeddings(runtime, task, identity={'weights_sha256': sha}, layers=extract,
                            batch_size=opts.embed_batch_size, device=device, cache_dir=opts.cache_dir,
                            use_cache=opts.use_cache, progress=opts.progress)
     timings['embed_model_s'] = emb.seconds
@@ -247,24 +248,24 @@ def evaluate_weights(weights: str | Path, task: Task, output_dir: str | Path | N
         'weights_name': weights_name(path),
         'weights_sha256': sha,
         'settings': {**{k: v for k, v in asdict(opts).items() if k not in ('progress', 'cache_dir', 'use_cache')},
-                     'layers': layers if layers is not None else [depth - 1], 'device': device,
+                     'layers': model_layers, 'device': device,
                      'norm_stats': list(stats), 'norm_stats_source': stats_source,
                      'geometry': {'input_size': list(ckpt.vit.input_size), 'patch_size': list(ckpt.vit.patch_size),
                                   'embed_dim': ckpt.vit.embed_dim, 'depth': depth, 'sample_rate': ckpt.sample_rate},
-                     'embedding_dim': emb.dim},
+                     'embedding_dim': emb.x.shape[2] * len(model_layers)},
         'metric': 'mAP' if task.multilabel else 'accuracy',
     }
 
     t0 = time.perf_counter()
     name = weights_name(path)
-    result = run_probe(task, emb, opts, device, name)  # all requested layers concatenated
-    report['model'] = _entry(result, emb)
+    result = run_probe(task, emb, opts, device, name, layers=model_layers)  # concatenated
+    report['model'] = {**_entry(result, emb), 'dim': emb.x.shape[2] * len(model_layers)}
     timings['probe_model_s'] = time.perf_counter() - t0
     if opts.per_layer:
         t0 = time.perf_counter()
         report['per_layer'] = []
         for layer in emb.layers:
-            r = run_probe(task, emb, opts, device, f'{name} layer {layer}', layer=layer)
+            r = run_probe(task, emb, opts, device, f'{name} layer {layer}', layers=[layer])
             report['per_layer'].append({'layer': layer, **r.summary()})
         timings['probe_per_layer_s'] = time.perf_counter() - t0
     report['class_accuracy'], report['confusion_matrix'] = _class_results(task, result, emb)
@@ -283,7 +284,8 @@ def evaluate_weights(weights: str | Path, task: Task, output_dir: str | Path | N
                                                                                    'patience', 'batch_size')}],
                                   sort_keys=True, default=str)
             if memo_key in _BASELINE_MEMO:
-                entry, embed_s, probe_s, cached = _BASELINE_MEMO[memo_key]
+                entry, embed_s, probe_s, _ = _BASELINE_MEMO[memo_key]
+                cached = True  # not recomputed; the times are those of the first computation
                 log.info('%s baseline: reused from the evaluation of an earlier weight file', kind)
             else:
                 if kind == 'logmel':

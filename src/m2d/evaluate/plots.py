@@ -192,7 +192,7 @@ def report_figures(report: dict[str, Any], out: Path, task, emb) -> dict[str, st
                                                           f'confusion (seed {report["settings"]["seed"]}): {name}'),
                                          out / 'confusion.png')
         test = task.split('test')
-        x, present = emb.features(test)
+        x, present = emb.features(test, report['settings']['layers'])
         labels = [c.labels[0] for c, ok in zip(test, present) if ok]
         if len(x) > MAX_MAP_POINTS:
             keep = np.sort(np.random.default_rng(0).choice(len(x), MAX_MAP_POINTS, replace=False))

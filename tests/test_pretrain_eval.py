@@ -111,7 +111,7 @@ def test_evaluator_runs_quick_and_final_evaluations(tmp_path):
                               'metric': 'accuracy', 'final': True, 'logmel_score': 0.05, 'random_score': 0.02}
     quick = json.loads((run / 'eval' / 'epoch-1' / 'argv.json').read_text())
     assert quick[:4] == ['--weights', str(run / 'checkpoint-1.pth'), '--data_dir', 'd']
-    assert {'--seeds', '1', '--no_baselines', '--quiet'} <= set(quick)
+    assert {'--seeds', '1', '--no_baselines', '--no_cache', '--quiet'} <= set(quick)
     assert '--no_baselines' not in json.loads((run / 'eval' / 'final' / 'argv.json').read_text())
     assert json.loads((run / 'eval_summary.json').read_text())['random']['mean'] == 0.02
     assert '](eval/final/confusion.png)' in (run / 'eval_summary.md').read_text()  # figure links still resolve

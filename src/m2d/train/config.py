@@ -217,6 +217,8 @@ class TrainConfig:
                 raise ConfigError(f'--{name} must be >= 1, got {getattr(self, name)}')
         if not 0 <= self.mask_ratio < 1:
             raise ConfigError(f'--mask_ratio must be in [0, 1), got {self.mask_ratio}')
+        if not 0 <= self.noise_ratio <= 1:
+            raise ConfigError(f'--noise_ratio must be in [0, 1], got {self.noise_ratio}')
         if self.cont_mask and self.mask_type == 'unstructured':
             self.mask_type = 'time_continuous'
         if self.loss_off and not self.is_speech:

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
+from .config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +46,7 @@ def setup(device: str = 'cpu') -> DistEnv:
     dev = torch.device(device)
     if dev.type == 'cuda':
         if not torch.cuda.is_available():
-            raise RuntimeError(f'--device {device}: CUDA is not available on this machine (use --device cpu)')
+            raise ConfigError(f'--device {device}: CUDA is not available on this machine (use --device cpu)')
         if world > 1 or dev.index is None:
             dev = torch.device('cuda', local_rank if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)

@@ -3,7 +3,7 @@
 An evaluation never blocks or stops the training. The trainer `submit`s each checkpoint to be
 evaluated and `poll`s at its log steps; a finished evaluation gives an `EvalResult` (the test
 score of ``report.json``), a failed one a warning with the tail of its log. Quick evaluations
-(1 seed, no baselines) run one at a time; while one runs, a newer checkpoint replaces the one
+(1 seed, no baselines, no embedding cache) run one at a time; while one runs, a newer checkpoint replaces the one
 waiting. At the end, `finish` starts the one waiting, evaluates the final checkpoint on the whole
 task or suite with baselines, waits for every evaluation, and copies its summary into the run folder
 (``eval_summary.json`` and ``eval_summary.md``).
@@ -32,7 +32,7 @@ from ..fileio import atomic_path
 log = logging.getLogger(__name__)
 
 LINEAR_EVAL = (sys.executable, '-m', 'm2d', 'linear-eval')
-QUICK_OPTIONS = ('--seeds', '1', '--no_baselines')
+QUICK_OPTIONS = ('--seeds', '1', '--no_baselines', '--no_cache')  # embeddings of one checkpoint: no reuse
 LOG_NAME = 'linear_eval.log'
 # torchrun's variables: an evaluation is a process of its own, not a member of the training's group
 TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'GROUP_RANK', 'GROUP_WORLD_SIZE', 'ROLE_RANK',

@@ -46,6 +46,8 @@ class NonFiniteLossError(M2DError):
 
 @dataclass
 class TrainResult:
+    """Where a run ended: its folder, last checkpoint (None on ranks > 0), step, epoch and last loss."""
+
     output_dir: Path
     checkpoint: Path | None
     step: int

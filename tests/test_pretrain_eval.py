@@ -193,3 +193,23 @@ def test_real_linear_eval_on_fsdd(tmp_path):
     assert all(0 <= r['score'] <= 1 and r['metric'] == 'accuracy' for r in evals)
     assert 'random_score' in evals[-1] and (tmp_path / 'run' / 'eval_summary.md').is_file()
     print(f'pretrain + 2 evaluations: {time.perf_counter() - t0:.1f} s')
+
+
+def test_scores_reach_tensorboard_and_the_curves(tmp_path):
+    from m2d.train.evaluation import EvalResult
+    from m2d.train.monitor import Monitor
+
+    class Writer:  # records what a TensorBoard SummaryWriter would get
+        scalars = []
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+    monitor = Monitor(tmp_path, tensorboard=False)
+    monitor._tb = Writer()
+    monitor.step(1, 0.5, 2.0, 1e-4, 0.9999)
+    monitor.write(EvalResult(1, 10, True, tmp_path, {'a': 0.25, 'b': 0.75}, 'accuracy', {'random': 0.1}).record())
+    assert ('eval/score', 0.5, 10) in Writer.scalars and ('eval/score_a', 0.25, 10) in Writer.scalars
+    assert ('eval/random_score', 0.1, 10) in Writer.scalars and not any(t == 'eval/final' for t, _, _ in Writer.scalars)
+    if importlib.util.find_spec('matplotlib') is not None:
+        assert monitor.plot() == tmp_path / 'training_curves.png'

@@ -418,6 +418,33 @@ def predict_logits(model: FinetuneModel, loader, device: torch.device, bf16: boo
     return torch.cat(logits).numpy(), torch.cat(targets).numpy()
 
 
+def train_epoch(model: FinetuneModel, loader, optimizer: torch.optim.Optimizer, s: FinetuneSettings, epoch: int,
+                rng: np.random.Generator, device: torch.device, multilabel: bool) -> tuple[float, float]:
+    """One epoch: per step, set the learning rate, mix up, forward (bf16 autocast if asked), step.
+    Returns the mean training loss and the last learning rate."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    iters, losses, lr = len(loader), [], s.lr
+    for it, (wav, y) in enumerate(tqdm(loader, desc=f'epoch {epoch}', leave=False, disable=not s.progress,
+                                       unit='batch')):
+        lr = learning_rate(epoch + it / iters, s.lr, s.warmup_epochs, s.epochs, s.min_lr)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        wav, y = wav.to(device), y.to(device)
+        wav, y, _ = mixup(wav, y, s.mixup, rng)
+        with _autocast(device, s.bf16):
+            logits = model(wav)
+        loss = evar_loss(logits.float(), y, multilabel)
+        if not torch.isfinite(loss):
+            raise FinetuneError(f'the training loss became {loss.item()} at epoch {epoch}; lower --lr ({s.lr})')
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return float(np.mean(losses)), lr
+
+
 def _loader(data: ClipData, batch_size: int, shuffle: bool, seed: int, workers: int):
     gen = torch.Generator().manual_seed(seed)
     # In train mode BatchNorm cannot take a batch of one clip: drop a last batch of one.
@@ -525,29 +552,11 @@ def finetune(weights: str | Path, task: Task, output_dir: str | Path | None = No
             'sample_rate': sr, 'source_weights': str(weights)}
     curves: list[dict[str, Any]] = []
     best = {'epoch': -1, 'valid': -math.inf, 'state': None}
-    iters = len(train_loader)
     t_train = time.perf_counter()
     bar = tqdm(range(s.epochs), desc=f'fine-tune {task.name}', disable=not s.progress, unit='epoch')
     for epoch in bar:
         t_epoch = time.perf_counter()
-        model.train()
-        losses, lr = [], s.lr
-        for it, (wav, y) in enumerate(tqdm(train_loader, desc=f'epoch {epoch}', leave=False,
-                                           disable=not s.progress, unit='batch')):
-            lr = learning_rate(epoch + it / iters, s.lr, s.warmup_epochs, s.epochs, s.min_lr)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            wav, y = wav.to(device), y.to(device)
-            wav, y, _ = mixup(wav, y, s.mixup, rng)
-            with _autocast(device, s.bf16):
-                logits = model(wav)
-            loss = evar_loss(logits.float(), y, task.multilabel)
-            if not torch.isfinite(loss):
-                raise FinetuneError(f'the training loss became {loss.item()} at epoch {epoch}; lower --lr ({s.lr})')
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        loss, lr = train_epoch(model, train_loader, optimizer, s, epoch, rng, device, task.multilabel)
         train_seconds = time.perf_counter() - t_epoch
         v_logits, v_targets = predict_logits(model, valid_loader, device, s.bf16, s.progress, 'valid')
         valid = evaluate_scores(v_logits, v_targets, task.multilabel)
@@ -558,11 +567,11 @@ def finetune(weights: str | Path, task: Task, output_dir: str | Path | None = No
                         state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
             save_checkpoint(finetuned_state(model, task.classes, name, {**info, 'epoch': epoch, 'valid': valid}),
                             ckpt_path)
-        curves.append({'epoch': epoch, 'lr': lr, 'train_loss': float(np.mean(losses)), 'valid_loss': valid_loss,
+        curves.append({'epoch': epoch, 'lr': lr, 'train_loss': loss, 'valid_loss': valid_loss,
                        f'valid_{metric}': valid, 'seconds': time.perf_counter() - t_epoch,
                        'train_seconds': train_seconds})
-        bar.set_postfix(loss=f'{np.mean(losses):.4f}', valid=f'{valid:.4f}', best=f'{best["valid"]:.4f}@{best["epoch"]}')
-        log.debug('epoch %d: lr %.3g loss %.5f valid %s %.5f (best %.5f @ %d)', epoch, lr, np.mean(losses), metric,
+        bar.set_postfix(loss=f'{loss:.4f}', valid=f'{valid:.4f}', best=f'{best["valid"]:.4f}@{best["epoch"]}')
+        log.debug('epoch %d: lr %.3g loss %.5f valid %s %.5f (best %.5f @ %d)', epoch, lr, loss, metric,
                   valid, best['valid'], best['epoch'])
         if s.patience and epoch - best['epoch'] >= s.patience:
             log.info('early stop at epoch %d: no better validation %s for %d epochs (best %.4f at epoch %d)',
@@ -576,7 +585,7 @@ def finetune(weights: str | Path, task: Task, output_dir: str | Path | None = No
     t_logits, t_targets = predict_logits(model, test_loader, device, s.bf16, s.progress, 'test')
     test = evaluate_scores(t_logits, t_targets, task.multilabel)
     t_test = time.perf_counter() - t0
-    n_train_seen = len(curves) * iters * s.batch_size
+    n_train_seen = len(curves) * len(train_loader) * s.batch_size
     report = {
         'task': {'name': task.name, 'source': task.source, 'classes': task.classes, 'multilabel': task.multilabel,
                  'unit_sec': task.unit_sec, 'counts': {k: len(d) for k, d in data.items()}, 'notes': task.notes},

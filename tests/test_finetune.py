@@ -390,3 +390,32 @@ def test_optimizers_and_bf16(setup, tmp_path, optim, bf16):
     after = load_checkpoint(report['checkpoint']).encoder['blocks.0.attn.qkv.weight']
     assert after.dtype == torch.float32 and not torch.equal(before, after)  # the encoder is trained too
     assert np.isfinite(report['curves'][0]['train_loss'])
+
+
+@pytest.mark.slow  # a short `m2d pretrain` run first
+def test_pretrain_then_finetune_then_predict(setup, tmp_path, capsys):
+    """The whole path of a user: `m2d pretrain` -> `m2d finetune` on its checkpoint -> `m2d predict`."""
+    from m2d.data.convert import convert
+
+    _, _, csv = setup
+    wav = tmp_path / 'wav'
+    wav.mkdir()
+    for f in sorted(FSDD.glob('*.wav'))[::150]:
+        (wav / f.name).symlink_to(f)
+    assert convert(wav, tmp_path / 'lms', workers=0, progress=False).exit_code == 0
+    assert main(['pretrain', '--model', 'm2d_vit_tiny', '--depth', '1', '--decoder_depth', '1',
+                 '--decoder_embed_dim', '64', '--decoder_num_heads', '2', '--input_size', '80x208', '--min_ds_size', '0',
+                 '--feature_eval_freq', '0', '--csv_main', str(tmp_path / 'lms' / 'files.csv'), '--batch_size', '8',
+                 '--epochs', '1', '--num_workers', '0', '--norm_stats_samples', '20',
+                 '--output_root', str(tmp_path / 'runs'), '--device', 'cpu']) == 0
+    (run,) = (tmp_path / 'runs').iterdir()
+    ckpt = sorted(run.glob('checkpoint-*.pth'))[-1]
+    out = tmp_path / 'ft'
+    assert main(['finetune', '--weights', str(ckpt), '--csv', str(csv), '--data_dir', str(FSDD), '--unit_sec', '0.5',
+                 '--epochs', '1', '--batch_size', '10', '--lr', '0.01', '--quiet', '--output_dir', str(out)]) == 0
+    report = json.loads((out / 'report.json').read_text())
+    assert report['model_name'].startswith('m2d_vit_tiny-80x208p16x16') and report['epochs_run'] == 1
+    capsys.readouterr()
+    assert main(['predict', str(FSDD / '2_theo_0.wav'), '--weights', report['checkpoint'], '--top', '1']) == 0
+    label = capsys.readouterr().out.split('\t')[1].split()[0]
+    assert label in ('0', '1', '2')

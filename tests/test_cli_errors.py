@@ -69,8 +69,8 @@ def test_teacher_features(capsys, tmp_path, wav):
     pytest.importorskip('transformers')
     fails(capsys, ['teacher-features', str(tmp_path / 'missing'), str(tmp_path / 'out')], 'no such file or folder')
     (tmp_path / 'not_hubert').mkdir()
-    fails(capsys, ['teacher-features', str(wav.parent), str(tmp_path / 'out'), '--teacher', str(tmp_path / 'not_hubert'),
-                   '--device', 'cpu'], 'cannot load the HuBERT teacher', 'not_hubert')
+    fails(capsys, ['teacher-features', str(wav.parent), str(tmp_path / 'out'), '--device', 'cpu',
+                   '--teacher', str(tmp_path / 'not_hubert')], 'cannot load the HuBERT teacher', 'not_hubert')
     assert not list((tmp_path / 'out').iterdir())  # the lock was released, nothing written
 
 

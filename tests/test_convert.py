@@ -216,21 +216,26 @@ def _all_valid(dest: Path) -> list[Path]:
     return outs
 
 
-def test_killed_run_resumes_without_partial_files(fsdd_dir, tmp_path):
-    n = 120
+def _start_convert(fsdd_dir: Path, tmp_path: Path, n: int, outputs: int) -> tuple[subprocess.Popen, Path]:
+    """`m2d convert` of `n` FSDD files (one worker, padded to 6.1 s: a few seconds) in another process
+    (its own session), returned once it has written `outputs` files."""
     link_fsdd(fsdd_dir, tmp_path / 'src', n)
     dest = tmp_path / 'out'
     cmd = [sys.executable, '-m', 'm2d', 'convert', str(tmp_path / 'src'), str(dest), '--workers', '1',
            '--min-seconds', '6.1', '--no-progress']
     env = dict(os.environ, PYTHONPATH=str(ROOT / 'src'))
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and len(list(dest.glob('*.npy'))) < 10 and proc.poll() is None:
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and its worker, mid-way
-        proc.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(dest.glob('*.npy'))) < outputs and proc.poll() is None:
+        time.sleep(0.05)
+    return proc, dest
+
+
+def test_killed_run_resumes_without_partial_files(fsdd_dir, tmp_path):
+    n = 120
+    proc, dest = _start_convert(fsdd_dir, tmp_path, n, outputs=10)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its worker, mid-way
+    proc.wait()
     partial = _all_valid(dest)
     assert 0 < len(partial) < n
     leftover = dest / '.0_george_x.npy.abc123.tmp.npy'  # what a kill during a write leaves
@@ -302,16 +307,8 @@ def test_a_second_conversion_into_the_same_folder_stops_with_a_clear_message(fsd
     from m2d.cli import main
 
     n = 120
-    link_fsdd(fsdd_dir, tmp_path / 'src', n)
-    dest = tmp_path / 'out'
-    cmd = [sys.executable, '-m', 'm2d', 'convert', str(tmp_path / 'src'), str(dest), '--workers', '1',
-           '--min-seconds', '6.1', '--no-progress']
-    env = dict(os.environ, PYTHONPATH=str(ROOT / 'src'))
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first, dest = _start_convert(fsdd_dir, tmp_path, n, outputs=1)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and not list(dest.glob('*.npy')) and first.poll() is None:
-            time.sleep(0.05)
         assert first.poll() is None, 'the first conversion ended before the second started'
         assert main(['convert', str(tmp_path / 'src'), str(dest), '--workers', '0', '--no-progress',
                      '--overwrite']) == 2
@@ -319,7 +316,8 @@ def test_a_second_conversion_into_the_same_folder_stops_with_a_clear_message(fsd
         assert f'm2d convert: error: {dest}: another job is writing into this folder (pid {first.pid}' in err
         assert first.wait(120) == 0
     finally:
-        first.kill()
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     assert len(_all_valid(dest)) == n and not [p for p in dest.iterdir() if p.name.startswith('.')]
     assert len(read_csv(dest / 'files.csv')) == n

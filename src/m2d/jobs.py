@@ -22,13 +22,14 @@ import csv
 import glob
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -460,30 +461,46 @@ def _run_here(items: Sequence[Item], steps: _Steps, collect: Callable, batch_key
 
 # ----- in worker processes ------------------------------------------------------------------------
 
-def _worker_loop(tasks, results, steps: _Steps, init: Callable[..., None] | None, init_args: tuple) -> None:
-    """A worker process: announce readiness, then do chunks until told to stop."""
+def _worker_loop(tasks, conn, steps: _Steps, init: Callable[..., None] | None, init_args: tuple) -> None:
+    """A worker process: announce readiness, then do chunks until told to stop. Messages go through
+    the worker's own pipe, sent at once (not by a feeder thread), so that all a worker said before it
+    died reaches the main process."""
     if init is not None:
         init(*init_args)
     pid = os.getpid()
-    results.put(('ready', pid, -1, None))
+    conn.send(('ready', pid, -1, None))
     while (task := tasks.get()) is not None:
         k, chunk = task
-        results.put(('start', pid, k, None))
-        results.put(('done', pid, k, [steps.one(item) for item in chunk]))
+        conn.send(('start', pid, k, None))
+        conn.send(('done', pid, k, [steps.one(item) for item in chunk]))
 
 
 class _Workers:
-    """A set of worker processes with their own task and result queues."""
+    """A set of worker processes sharing a task queue, each with its own pipe for messages."""
 
     def __init__(self, n: int, steps: _Steps, init: Callable[..., None] | None, init_args: tuple):
         ctx = mp.get_context('spawn')
-        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.tasks = ctx.Queue()
         self.procs: dict[int, mp.process.BaseProcess] = {}
+        self.conns: dict[int, Connection] = {}
         for _ in range(n):
-            p = ctx.Process(target=_worker_loop, args=(self.tasks, self.results, steps, init, init_args), daemon=True)
+            receiver, sender = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_worker_loop, args=(self.tasks, sender, steps, init, init_args), daemon=True)
             p.start()
-            self.procs[p.pid] = p
+            sender.close()  # the worker holds it: the pipe ends (EOF) when the worker does
+            self.procs[p.pid], self.conns[p.pid] = p, receiver
         self.ready: set[int] = set()
+
+    def messages(self, timeout: float) -> list[tuple]:
+        """The messages the workers sent, waiting up to `timeout` seconds for the first."""
+        out = []
+        for conn in mp_connection.wait(list(self.conns.values()), timeout):
+            try:
+                while conn.poll():
+                    out.append(conn.recv())
+            except (EOFError, OSError):  # the worker has ended
+                self.conns = {pid: c for pid, c in self.conns.items() if c is not conn}
+        return out
 
     def dead(self) -> list[mp.process.BaseProcess]:
         return [p for p in self.procs.values() if not p.is_alive()]
@@ -493,9 +510,10 @@ class _Workers:
             p.terminate()
         for p in self.procs.values():
             p.join()
-        for q in (self.tasks, self.results):
-            q.cancel_join_thread()
-            q.close()
+        for conn in self.conns.values():
+            conn.close()
+        self.tasks.cancel_join_thread()
+        self.tasks.close()
 
 
 def _remove_partial_outputs(items: Iterable[Item]) -> None:
@@ -520,9 +538,16 @@ def _run_processes(todo: list[Item], steps: _Steps, local: _Local, collect: Call
         for item in chunk:
             collect(item, *steps.one(item))
 
-    def done(chunk: list[Item], outcomes: list[tuple[str | None, Any]]) -> None:
-        for item, (reason, result) in zip(chunk, outcomes):
-            collect(item, reason, result)
+    def receive(messages: list[tuple]) -> None:
+        for kind, pid, k, payload in messages:
+            if kind == 'ready':
+                pool.ready.add(pid)
+            elif kind == 'start':
+                sent[k] = pid
+            elif kind == 'done':
+                sent.pop(k, None)
+                for item, (reason, result) in zip(chunks[k], payload):
+                    collect(item, reason, result)
 
     workers = min(workers, len(todo))
     size = chunk_size or max(1, min(16, len(todo) // (workers * 8)))
@@ -541,22 +566,11 @@ def _run_processes(todo: list[Item], steps: _Steps, local: _Local, collect: Call
             if pending and main_helps and len(pool.ready) < len(pool.procs):
                 here(chunks[pending.pop()])  # the workers are still starting: work here meanwhile
                 wait = 0.0
-            while True:
-                try:
-                    kind, pid, k, payload = pool.results.get(timeout=wait) if wait else pool.results.get_nowait()
-                except queue.Empty:
-                    break
-                wait = 0.0
-                if kind == 'ready':
-                    pool.ready.add(pid)
-                elif kind == 'start':
-                    sent[k] = pid
-                elif kind == 'done':
-                    sent.pop(k, None)
-                    done(chunks[k], payload)
+            receive(pool.messages(wait))
             dead = pool.dead()
             if not dead:
                 continue
+            receive(pool.messages(0))  # all the dead sent before they died
             pool.stop()
             for p in dead:
                 log.warning('a worker process died (exit code %s); restarting the workers', p.exitcode)

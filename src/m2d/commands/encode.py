@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='mean: average over time (one vector per file)')
     parser.add_argument('--bf16', action='store_true', help='encode in bfloat16 (GPUs, CPUs with avx512_bf16/AMX)')
     parser.add_argument('--compile', action='store_true',
-                        help='torch.compile the encoder (for many clips of one length): compiles about a minute per input shape, then runs faster')
+                        help='torch.compile the encoder (for many clips of one length): compiles about a minute '
+                             'per input shape, then runs faster')
     parser.add_argument('--flat', action='store_true',
                         help='one vector per patch [Fp*T\', D] instead of stacking frequency patches')
     parser.add_argument('--trust', action='store_true',

@@ -8,7 +8,6 @@ empty, cut short, ...) is recorded with the reason and the run goes on.
 
 from __future__ import annotations
 
-import logging
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +19,6 @@ import torch
 from . import jobs
 from .audio import AUDIO_SUFFIXES, load_audio
 from .fileio import atomic_path
-
-log = logging.getLogger(__name__)
 
 POOLS = ('none', 'mean')
 
@@ -128,8 +125,6 @@ def encode_files(runtime, inputs: Iterable[str | Path], output_dir: str | Path |
     elif s.results:
         write_npz(result.npz, s.results)
         result.encoded = dict.fromkeys(s.done_keys, result.npz)
-    if result.failed:
-        log.warning('%d file(s) failed; see the summary', len(result.failed))
     return result
 
 

@@ -258,6 +258,7 @@ def run(plan: Plan, *, read: Callable[[Item], Any], transform: Callable[[list[An
     from tqdm import tqdm
 
     if batch_size < 1:
+        plan.release()
         raise JobError(f'batch_size={batch_size}: must be at least 1')
     s = Summary(plan.name, plan.found, skipped=len(plan.skipped), failed=list(plan.failed),
                 removed_temporaries=plan.removed_temporaries)
@@ -278,11 +279,9 @@ def run(plan: Plan, *, read: Callable[[Item], Any], transform: Callable[[list[An
     steps = _Steps(read, transform, write)
     local = _Local(init, init_args)
     try:
-        if not plan.todo:
-            pass
-        elif processes > 0:
+        if processes > 0 and plan.todo:
             _run_processes(plan.todo, steps, local, collect, processes, chunk_size, main_helps)
-        else:
+        elif plan.todo:
             local.start()
             _run_here(plan.todo, steps, collect, batch_key, batch_size, threads)
     except BaseException:

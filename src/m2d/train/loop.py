@@ -24,7 +24,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import normalize_keys, read_state_dict
+from ..data.datasets import LMSDataset, compute_norm_stats
 from ..data.filelist import DataError
+from ..data.speech import build_speech_dataset
 from ..errors import M2DError
 from ..masking import make_mask
 from ..models import create_model
@@ -65,8 +67,6 @@ def _data_root(opts: TrainConfig) -> str | None:
 
 def compute_stats(opts: TrainConfig) -> tuple[float, float]:
     """Normalization statistics of the main set: ~10,000 random crops (`compute_norm_stats`)."""
-    from ..data.datasets import LMSDataset, compute_norm_stats
-
     raw = LMSDataset(opts.csv_main, data_root=_data_root(opts), crop_frames=opts.input_hw[1], norm_stats=None)
     return compute_norm_stats(raw, n_samples=opts.norm_stats_samples, seed=opts.seed, progress=True)
 
@@ -77,13 +77,9 @@ def build_dataset(opts: TrainConfig, norm_stats: tuple[float, float] | None) -> 
     Audio sets need `norm_stats`; speech sets compute theirs when it is None (``dataset.norm_stats``).
     """
     if opts.is_speech:
-        from ..data.speech import build_speech_dataset
-
         ns = opts.to_namespace(norm_stats=list(norm_stats) if norm_stats else None, data_path=_data_root(opts),
                                crop_frames=opts.input_hw[1])
         return build_speech_dataset(ns)
-    from ..data.datasets import LMSDataset
-
     return LMSDataset(opts.csv_main, data_root=_data_root(opts), crop_frames=opts.input_hw[1], norm_stats=norm_stats,
                       random_crop=True, min_ds_size=opts.min_ds_size)
 
@@ -169,7 +165,7 @@ def build_model(opts: TrainConfig, dataset: Dataset, norm_stats: tuple[float, fl
     M2D-X runtime teacher (None otherwise), and the model's `create_model` keywords."""
     teacher = None
     if opts.family == 'm2d_x' and opts.teacher:
-        from ..teacher import runtime_teacher
+        from ..teacher import runtime_teacher  # the teacher's code only when there is one
 
         teacher = runtime_teacher(opts.teacher, device, input_norm_stats=norm_stats)
     model_kw = opts.model_config()

@@ -5,7 +5,12 @@
 
 The work per clip is computed from the model geometry (matmul FLOPs of every token through every
 block, attention, patch embedding), so "% of peak" says how close encoding runs to the physical limit
-that a 2048x2048 matmul reaches on the same device in the same precision.
+that a 2048x2048 matmul reaches on the same device in the same precision. The bf16/fp32 speed-up
+is reported next to the bf16/fp32 peak ratio of the same run, with the load average (other
+processes on the machine skew the figures).
+
+    python benchmarks/encode.py --profile            # adds a table of where the time goes
+    python benchmarks/encode.py --keep_freed_memory  # glibc malloc keeps freed blocks (see profiling.py)
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import platform
 import statistics
 import sys
@@ -28,6 +34,8 @@ from m2d import RuntimeM2D
 from m2d.checkpoint import load_checkpoint
 from m2d.fileio import atomic_path
 from m2d.vit import ViTConfig
+
+from profiling import keep_freed_memory, malloc_env, profile_table
 
 log = logging.getLogger('benchmarks.encode')
 FIXTURES = Path(__file__).resolve().parents[1].parent / 'shared' / 'fixtures'
@@ -105,6 +113,7 @@ def fixture_weights(folder: Path) -> Path:
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
+    load = os.getloadavg()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,6 +132,12 @@ def run(args: argparse.Namespace) -> dict:
     peaks = {'float32': matmul_peak(device, torch.float32), 'bfloat16': matmul_peak(device, torch.bfloat16)}
     timings = {p: time_encode(rt, wav, args.warmup, args.runs) for p, rt in (('float32', rt32), ('bfloat16', rt16))}
     peaks = {p: max(v, matmul_peak(device, getattr(torch, p))) for p, v in peaks.items()}
+    profiles = {}
+    if args.profile:
+        for precision, rt in (('float32', rt32), ('bfloat16', rt16)):
+            with torch.inference_mode():
+                profiles[precision] = profile_table(lambda: [rt.encode(wav) for _ in range(2)], 2,
+                                                    f'encode {precision}, {args.batch} x {args.seconds:g}-s clips')
     rows = []
     for precision, times in timings.items():
         med = statistics.median(times)
@@ -130,6 +145,8 @@ def run(args: argparse.Namespace) -> dict:
         rows.append({'precision': precision, 'median_s': med, 'min_s': min(times), 'clips_per_s': args.batch / med,
                      'gflop_per_s': gflops, 'peak_gflop_per_s': peaks[precision],
                      'pct_of_peak': 100 * gflops / peaks[precision]})
+        if precision in profiles:
+            rows[-1]['profile_table'], rows[-1]['profile_ms_per_batch'] = profiles[precision]
     report = {
         'device': str(device), 'device_name': (torch.cuda.get_device_name(device) if device.type == 'cuda'
                                                else platform.processor() or platform.machine()),
@@ -138,8 +155,14 @@ def run(args: argparse.Namespace) -> dict:
         'batch': args.batch, 'seconds': args.seconds, 'frames': frames, 'runs': args.runs, 'warmup': args.warmup,
         'chunk_tokens': flops['tokens'], 'gflop_per_clip': flops['total'] / 1e9,
         'gflop_breakdown': {k: flops[k] / 1e9 for k in ('linear', 'attention', 'patch_embed')},
-        'results': rows,
+        'load_average': load, 'load_average_end': os.getloadavg(), 'malloc_env': malloc_env(),
+        'keep_freed_memory': args.keep_freed_memory, 'results': rows,
     }
+    by = {r['precision']: r for r in rows}
+    if 'float32' in by and 'bfloat16' in by:
+        speedup = by['float32']['median_s'] / by['bfloat16']['median_s']
+        ratio = peaks['bfloat16'] / peaks['float32']
+        report['bf16_vs_fp32'] = {'speedup': speedup, 'peak_ratio': ratio, 'speedup_over_peak_ratio': speedup / ratio}
     if device.type == 'cuda':  # what the attention and float32 matmuls may use on this GPU
         report['cuda'] = {'flash_sdp': torch.backends.cuda.flash_sdp_enabled(),
                           'mem_efficient_sdp': torch.backends.cuda.mem_efficient_sdp_enabled(),
@@ -156,6 +179,14 @@ def table(report: dict) -> str:
     for r in report['results']:
         lines.append(f"{r['precision']:<10} {r['clips_per_s']:>8.2f} {r['median_s']:>9.3f} {r['gflop_per_s']:>9.0f} "
                      f"{r['peak_gflop_per_s']:>13.0f} {r['pct_of_peak']:>9.1f}% {report['batch'] / r['min_s']:>13.2f}")
+    if 'bf16_vs_fp32' in report:
+        c = report['bf16_vs_fp32']
+        lines.append(f"bf16/fp32: {c['speedup']:.2f}x faster, matmul peak ratio {c['peak_ratio']:.2f}x "
+                     f"({100 * c['speedup_over_peak_ratio']:.0f}% of it); load average {report['load_average'][0]:.1f} "
+                     f"at the start, {report['load_average_end'][0]:.1f} at the end")
+    for r in report['results']:
+        if 'profile_table' in r:
+            lines += ['', r['profile_table']]
     return '\n'.join(lines)
 
 
@@ -168,8 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--runs', type=int, default=5, help='timed runs; the median is reported (default 5)')
     p.add_argument('--warmup', type=int, default=1, help='untimed runs first (default 1)')
     p.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s choice)')
+    p.add_argument('--profile', action='store_true', help='also profile 2 encodes per precision (where the time goes)')
+    p.add_argument('--keep_freed_memory', action='store_true',
+                   help='let glibc malloc keep freed memory (fewer page faults; see benchmarks/profiling.py)')
     p.add_argument('--json', help='also write the report to this JSON file')
     args = p.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     logging.basicConfig(level=logging.WARNING)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         p.error('--device cuda: no CUDA device is available')

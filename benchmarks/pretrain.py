@@ -14,7 +14,12 @@ token through every block (forward + backward = 3x forward for the trained onlin
 decoder, 1x for the no-grad target) -- about 81 GFLOP per sample, the count the issue's reference
 numbers use; attention, patch embedding and the decoder's input/output projections are reported
 separately. "% of peak" compares the achieved FLOP rate with the best of 20 runs of a 2048x2048
-matmul measured in the same run, in the same precision.
+matmul measured in the same run, in the same precision. With both precisions the result also
+gives the bf16/fp32 step speed-up next to the bf16/fp32 peak ratio of the same run, and the load
+average of the machine (other processes skew the figures).
+
+    python benchmarks/pretrain.py --profile    # adds a table of where the step's time goes
+    python benchmarks/pretrain.py --compile    # torch.compile the blocks (slow first steps)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -33,6 +39,8 @@ from m2d.masking import random_mask
 from m2d.models import create_model
 from m2d.train.config import TrainConfig
 from m2d.train.loop import apply_update, make_optimizer
+
+from profiling import keep_freed_memory, malloc_env, profile_table
 
 log = logging.getLogger('benchmarks.pretrain')
 
@@ -83,28 +91,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_step(device: torch.device, bf16: bool, batch: int, steps: int, warmup: int, cfg: TrainConfig) -> dict:
+def bench_step(device: torch.device, bf16: bool, batch: int, steps: int, warmup: int, cfg: TrainConfig,
+               compile_blocks: bool = False, profile: bool = False) -> dict:
     torch.manual_seed(0)
     model = create_model('m2d', **cfg.model_config(), norm_stats=(0.0, 1.0)).to(device).train()
+    if compile_blocks:
+        model.compile_blocks()
     optimizer = make_optimizer(model, cfg, 1e-4, device)
     params = [p for p in model.parameters() if p.requires_grad]
     L = cfg.grid_size[0] * cfg.grid_size[1]
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(batch, 1, *cfg.input_hw, generator=g).to(device) for _ in range(2)]
     masks = [random_mask(batch, L, cfg.mask_ratio, generator=g).to(device) for _ in range(2)]
+    losses = []
+
+    def step(i: int) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _, _ = model(xs[i % 2], mask=masks[i % 2])
+        losses.append(loss.item())
+        loss.backward()
+        apply_update(model, optimizer, params, cfg.clip_grad, 0.99995)
+        _sync(device)
+
     times = []
     for i in range(warmup + steps):
         _sync(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, _, _ = model(xs[i % 2], mask=masks[i % 2])
-        loss_value = loss.item()
-        loss.backward()
-        apply_update(model, optimizer, params, cfg.clip_grad, 0.99995)
-        _sync(device)
+        step(i)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return {'step_s_median': statistics.median(times), 'step_s_best': min(times), 'loss': loss_value}
+    out = {'step_s_median': statistics.median(times), 'step_s_best': min(times), 'loss': losses[-1]}
+    if profile:
+        table, rows = profile_table(lambda: [step(i) for i in range(2)], 2,
+                                    f'{"bf16" if bf16 else "fp32"} training step, batch {batch}')
+        out['profile_ms_per_step'] = rows
+        out['profile_table'] = table
+        log.info('%s', table)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,8 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--precisions', default='fp32,bf16', help='comma list of fp32, bf16')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
+    p.add_argument('--compile', action='store_true', help='torch.compile the encoder, target and decoder blocks')
+    p.add_argument('--profile', action='store_true', help='also profile 2 steps per precision: where the time goes')
+    p.add_argument('--keep_freed_memory', action='store_true',
+                   help='let glibc malloc keep freed memory (fewer page faults; see benchmarks/profiling.py)')
     p.add_argument('--json', default=None, help='also write the result here')
     args = p.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,20 +159,36 @@ def main(argv: list[str] | None = None) -> int:
               'input_size': list(cfg.input_hw), 'patch_size': list(cfg.patch_hw), 'mask_ratio': cfg.mask_ratio,
               'gflop_per_sample': flops['linear_blocks'] / 1e9,
               'gflop_per_sample_with_attention_and_embeddings': flops['total'] / 1e9,
-              'tokens': flops['tokens'], 'results': {}}
+              'tokens': flops['tokens'], 'compile': args.compile,
+              'keep_freed_memory': args.keep_freed_memory, 'malloc_env': malloc_env(), 'load_average': {'start': os.getloadavg()},
+              'results': {}}
     for name in args.precisions.split(','):
-        bf16 = name.strip() == 'bf16'
+        name = name.strip()
+        if name not in ('fp32', 'bf16'):
+            p.error(f'--precisions: unknown precision {name!r} (fp32, bf16)')
+        bf16 = name == 'bf16'
         dtype = torch.bfloat16 if bf16 else torch.float32
         peak = matmul_peak(device, dtype)
-        r = bench_step(device, bf16, args.batch, args.steps, args.warmup, cfg)
+        r = bench_step(device, bf16, args.batch, args.steps, args.warmup, cfg, args.compile, args.profile)
+        peak = max(peak, matmul_peak(device, dtype))  # best of before and after: a busy moment flatters the step
         sps = args.batch / r['step_s_median']
         achieved = sps * flops['linear_blocks']
         result['results'][name] = {
             'samples_per_s': sps, 'step_s_median': r['step_s_median'], 'step_s_best': r['step_s_best'],
             'achieved_gflops': achieved / 1e9, 'matmul_peak_gflops': peak / 1e9,
-            'percent_of_peak': 100 * achieved / peak, 'loss': r['loss']}
+            'percent_of_peak': 100 * achieved / peak, 'loss': r['loss'], 'load_average_after': os.getloadavg(),
+            **{k: v for k, v in r.items() if k.startswith('profile')}}
         log.info('%s: %.2f samples/s (step %.2f s), %.0f GFLOP/s = %.0f%% of the %s matmul peak %.0f GFLOP/s',
                  name, sps, r['step_s_median'], achieved / 1e9, 100 * achieved / peak, name, peak / 1e9)
+    res = result['results']
+    if 'fp32' in res and 'bf16' in res:
+        speedup = res['fp32']['step_s_median'] / res['bf16']['step_s_median']
+        ratio = res['bf16']['matmul_peak_gflops'] / res['fp32']['matmul_peak_gflops']
+        result['bf16_vs_fp32'] = {'step_speedup': speedup, 'peak_ratio': ratio,
+                                  'speedup_over_peak_ratio': speedup / ratio}
+        log.info('bf16/fp32: step %.2fx, matmul peak %.2fx (the step reaches %.0f%% of the peak ratio)',
+                 speedup, ratio, 100 * speedup / ratio)
+    result['load_average']['end'] = os.getloadavg()
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

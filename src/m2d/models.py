@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .checkpoint import DEFAULT_NORM_STATS
 from .masking import MASK_TYPES, Mask, as_mask, gather_tokens, make_mask, restore_order
 from .optim import param_groups  # noqa: F401  (re-exported for the trainer)
-from .vit import LAYER_NORM_EPS, Block, ViTConfig, ViTEncoder, sincos_pos_embed_2d
+from .vit import LAYER_NORM_EPS, Block, Linear, ViTConfig, ViTEncoder, sincos_pos_embed_2d
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +118,13 @@ class MaskedAutoencoder(ViTEncoder):
 
         Dd = decoder_embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
-        self.decoder_embed = nn.Linear(embed_dim, Dd)
+        self.decoder_embed = Linear(embed_dim, Dd)
         dec_pos = torch.from_numpy(sincos_pos_embed_2d(Dd, cfg.grid_size, cls_token=True))[None]
         self.decoder_pos_embed = nn.Parameter(dec_pos, requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
             [Block(Dd, decoder_num_heads, mlp_ratio, layer_norm_eps) for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(Dd, eps=layer_norm_eps)
-        self.decoder_pred = nn.Linear(Dd, self._pred_dim())
+        self.decoder_pred = Linear(Dd, self._pred_dim())
 
     def _pred_dim(self) -> int:
         ph, pw = self.config.patch_size
@@ -132,13 +132,27 @@ class MaskedAutoencoder(ViTEncoder):
 
     def init_weights(self) -> 'MaskedAutoencoder':
         """MAE's initialization (the fixed sin-cos tables are kept)."""
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear; the bias keeps Conv2d's default
+        w = self.patch_embed.proj.weight
+        with torch.no_grad():  # in place on the parameter (not .data), so cached bf16 copies see the change
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear; the bias keeps Conv2d's default
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         for name, m in self.named_modules():
             if name != 'patch_embed.proj':
                 _init_mae(m)
+        return self
+
+    def compile_blocks(self, **options: Any) -> 'MaskedAutoencoder':
+        """``torch.compile`` every transformer block in place (encoder, decoder, EMA target); returns self.
+
+        `options` go to ``nn.Module.compile`` (e.g. ``mode='max-autotune'``, ``backend='eager'``).
+        State-dict keys do not change. Each block compiles on its first call (minutes on a CPU);
+        shapes are static per batch geometry, which also suits CUDA graphs
+        (``mode='reduce-overhead'``).
+        """
+        for blocks in (self.blocks, self.decoder_blocks, getattr(self, 'target_blocks', ())):
+            for blk in blocks:
+                blk.compile(**options)
         return self
 
     # ----- masks and geometry -------------------------------------------------------------------
@@ -314,7 +328,7 @@ class M2DS(M2D):
         self.loss_m2d = float(loss_m2d)
         self.loss_off = float(loss_off)
         fp = self.grid_size[0]
-        self.offline_predictor = nn.Linear(fp * self.config.embed_dim, off_emb_dim)
+        self.offline_predictor = Linear(fp * self.config.embed_dim, off_emb_dim)
 
     def forward(self, x: torch.Tensor, mask: MaskLike | None = None,
                 target_offline: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

@@ -2,6 +2,11 @@
 
 Tokens are frequency-major: for an LMS ``[B, 1, F, T]`` and patch ``ph x pw`` the patch at
 frequency row f and time column t has index ``f * (T // pw) + t``.
+
+Mixed precision: under ``torch.autocast(..., dtype=torch.bfloat16)`` the linear layers and the
+patch embedding use cached bfloat16 copies of their float32 weights (`low_precision`), refreshed
+once after each optimizer step instead of cast on every call; the numbers are those of autocast's
+own casts. Float32 runs do not touch this code.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 LAYER_NORM_EPS = 1e-6
 
@@ -62,6 +69,103 @@ def sincos_pos_embed_2d(dim: int, grid_size: tuple[int, int], cls_token: bool = 
     return emb.astype(np.float32)
 
 
+# ---------------------------------------------------------------------------------------------
+# cached low-precision weights under autocast
+
+_SHADOWS = WeakIdKeyDictionary()  # parameter -> (validity key, low-precision copy)
+_GENERATION = 0  # bumped after every optimizer step: fused optimizers do not bump tensor versions
+_HOOKED = False
+
+
+def _next_generation(*_) -> None:
+    global _GENERATION
+    _GENERATION += 1
+
+
+def clear_low_precision_cache() -> None:
+    """Drop every cached copy (needed only after changing weights through ``.data``)."""
+    _next_generation()
+    _SHADOWS.clear()
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype in force on `x`'s device, or None when autocast is off there."""
+    dev = x.device.type
+    if dev in ('cpu', 'cuda') and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+class _FromShadow(torch.autograd.Function):
+    """Forward: the cached copy; backward: the gradient cast to the parameter's dtype (as autocast's cast)."""
+
+    @staticmethod
+    def forward(ctx, param: torch.Tensor, shadow: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = param.dtype
+        return shadow.view_as(shadow)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype), None
+
+
+def _key(param: torch.Tensor) -> tuple[int, int, int]:
+    return _GENERATION, param._version, param.data_ptr()
+
+
+def _refresh_stale() -> None:
+    """Copy every changed parameter into its cached copy: one ``_foreach_copy_`` per device and dtype."""
+    groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for param, (key, shadow) in list(_SHADOWS.items()):
+        new_key = _key(param)
+        if new_key != key and shadow.shape == param.shape:
+            dst, src = groups.setdefault((param.device, param.dtype, shadow.dtype), ([], []))
+            dst.append(shadow)
+            src.append(param.detach())
+            _SHADOWS[param] = (new_key, shadow)
+    for dst, src in groups.values():
+        torch._foreach_copy_(dst, src)
+
+
+def low_precision(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`param` rounded to `dtype` (differentiable), from a copy cast once per weight update.
+
+    Copies are refreshed when their parameter changed: an in-place update (its version counter),
+    new storage, or any optimizer step (a global post-step hook, since fused optimizers update in
+    place without a version bump). All stale copies are refreshed together, in one multi-tensor
+    copy, on the first use after an update. The gradient reaches the parameter in its own dtype,
+    as through autocast's cast. Under ``torch.compile`` this is a plain cast.
+    """
+    global _HOOKED
+    if torch.compiler.is_compiling():
+        return param.to(dtype)
+    if not _HOOKED:
+        register_optimizer_step_post_hook(_next_generation)
+        _HOOKED = True
+    hit = _SHADOWS.get(param)
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in and out of inference mode
+        if hit is not None and hit[0] != _key(param) and hit[1].shape == param.shape:
+            _refresh_stale()
+            hit = _SHADOWS[param]
+        if hit is None or hit[1].dtype != dtype or hit[1].shape != param.shape:
+            hit = (_key(param), param.detach().to(dtype))
+            _SHADOWS[param] = hit
+    if param.requires_grad and torch.is_grad_enabled():
+        return _FromShadow.apply(param, hit[1])
+    return hit[1]
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that runs on cached low-precision weights under autocast (`low_precision`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = autocast_dtype(x)
+        if dtype is None or dtype == self.weight.dtype or not self.weight.is_floating_point():
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else low_precision(self.bias, dtype)
+        return F.linear(x, low_precision(self.weight, dtype), bias)
+
+
 class PatchEmbed(nn.Module):
     """Conv2d with kernel = stride = patch; any input length that is a multiple of the patch."""
 
@@ -71,7 +175,13 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, Fp, Tp] -> [B, Fp*Tp, D]
+        proj = self.proj
+        dtype = autocast_dtype(x)
+        if dtype is None or dtype == proj.weight.dtype:
+            x = proj(x)
+        else:
+            x = F.conv2d(x, low_precision(proj.weight, dtype), low_precision(proj.bias, dtype), proj.stride)
+        return x.flatten(2).transpose(1, 2)  # [B, D, Fp, Tp] -> [B, Fp*Tp, D]
 
 
 class Attention(nn.Module):
@@ -80,8 +190,8 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f'embed_dim {dim} is not divisible by num_heads {num_heads}')
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=True)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -106,8 +216,8 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))

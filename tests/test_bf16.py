@@ -1,0 +1,136 @@
+"""bfloat16 paths: cached bf16 weights under autocast give autocast's numbers, and stay fresh."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import m2d.vit as vit
+from conftest import REFERENCE, need
+from m2d.models import create_model, param_groups
+from m2d.train.config import TrainConfig
+from m2d.train.loop import apply_update, make_optimizer
+
+TINY = dict(img_size=[80, 208], patch_size=[16, 16], in_chans=1, embed_dim=64, depth=2, num_heads=2,
+            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, mlp_ratio=4.0, norm_pix_loss=True,
+            layer_norm_eps=1e-6, mask_ratio=0.7)
+
+
+def _plain_cast(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return param.to(dtype)
+
+
+def _step(model, x, mask, bf16=True):
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+        loss, pred, _ = model(x, mask=mask)
+    loss.backward()
+    return loss.detach(), pred.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _inputs(batch=2):
+    g = torch.Generator().manual_seed(0)
+    model = create_model('m2d', **TINY)
+    return model, torch.randn(batch, 1, 80, 208, generator=g), model.draw_mask(batch, generator=g)
+
+
+def test_cached_weights_equal_autocast_casts(monkeypatch):
+    torch.manual_seed(0)
+    model, x, mask = _inputs()
+    twin = copy.deepcopy(model)
+    loss, pred, grads = _step(model, x, mask)
+    monkeypatch.setattr(vit, 'low_precision', _plain_cast)  # what autocast alone does
+    loss_ref, pred_ref, grads_ref = _step(twin, x, mask)
+    assert pred.dtype == torch.bfloat16
+    assert torch.equal(loss, loss_ref) and torch.equal(pred, pred_ref)
+    assert grads.keys() == grads_ref.keys() and len(grads) > 20
+    for name, g in grads.items():
+        assert g.dtype == torch.float32 and torch.equal(g, grads_ref[name]), name
+
+
+def test_cache_follows_optimizer_steps_and_ema():
+    torch.manual_seed(0)
+    model, x, mask = _inputs()
+    cfg = TrainConfig(model='m2d_vit_base')
+    opt = make_optimizer(model, cfg, 1e-2, torch.device('cpu'))  # fused AdamW: no version bump
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(2):
+        _step(model, x, mask)
+        apply_update(model, opt, params, cfg.clip_grad, 0.9)
+    # a model that never saw the cache, with the same weights, gives the same loss
+    fresh = copy.deepcopy(model)
+    vit.clear_low_precision_cache()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        loss_cached = model(x, mask=mask)[0]
+        loss_fresh = fresh(x, mask=mask)[0]
+        w = model.blocks[0].mlp.fc1.weight
+        assert torch.equal(vit.low_precision(w, torch.bfloat16), w.to(torch.bfloat16))
+        t = model.target_blocks[0].attn.qkv.weight  # moved by the EMA (foreach lerp)
+        assert torch.equal(vit.low_precision(t, torch.bfloat16), t.to(torch.bfloat16))
+    assert torch.equal(loss_cached, loss_fresh)
+
+
+def test_cache_is_reused_and_float32_untouched():
+    torch.manual_seed(0)
+    model, x, mask = _inputs()
+    w = model.blocks[0].attn.qkv.weight
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
+        model.encode(x)
+        first = vit.low_precision(w, torch.bfloat16)
+        model.encode(x)
+        assert vit.low_precision(w, torch.bfloat16).data_ptr() == first.data_ptr()  # not cast again
+    with torch.no_grad():
+        w.mul_(2.0)  # any in-place change invalidates the copy
+    assert torch.equal(vit.low_precision(w, torch.bfloat16), w.to(torch.bfloat16))
+    # float32 runs never touch the cache: the output is that of plain torch ops
+    lin = vit.Linear(8, 4)
+    z = torch.randn(3, 8)
+    assert torch.equal(lin(z), torch.nn.functional.linear(z, lin.weight, lin.bias))
+
+
+@pytest.mark.parametrize('kind', ['m2d', 'msm_mae'])
+def test_bf16_training_step_close_to_float32_reference(kind):
+    """bf16 autocast on the reference training fixture: loss and gradients near the float32 goldens."""
+    gold = torch.load(need(REFERENCE / f'train_{kind}_tiny.pt'), weights_only=True)
+    model = create_model(kind, **gold['config'])
+    model.load_state_dict(gold['state_dict'], strict=True)
+    loss, _, grads = _step(model, gold['x'], (gold['ids_restore'], gold['len_keep']))
+    assert abs(loss.item() - gold['loss'].item()) <= 2e-2 * abs(gold['loss'].item())
+    cos = torch.nn.functional.cosine_similarity
+    for name, g in gold['grads'].items():
+        assert cos(grads[name].flatten(), g.flatten(), dim=0) >= 0.99, name
+
+
+def test_apply_update_clips_as_clip_grad_norm():
+    """Scaling only above the clip threshold gives exactly clip_grad_norm_'s parameters."""
+    for clip in (0.5, 1e3, 0.0):
+        torch.manual_seed(0)
+        model, x, mask = _inputs()
+        twin = copy.deepcopy(model)
+        _step(model, x, mask, bf16=False)
+        _step(twin, x, mask, bf16=False)
+        opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, fused=True)
+        opt_ref = torch.optim.AdamW(param_groups(twin, 0.05), lr=1e-3, fused=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = apply_update(model, opt, params, clip, 0.99)
+        ref = [p for p in twin.parameters() if p.requires_grad]
+        norm_ref = float(torch.nn.utils.clip_grad_norm_(ref, clip if clip > 0 else float('inf'), foreach=True))
+        opt_ref.step()
+        twin.update_target(0.99)
+        assert norm == norm_ref
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert torch.equal(p, q), (clip, name)
+
+
+def test_compile_blocks_runs_and_matches():
+    torch.manual_seed(0)
+    model, x, mask = _inputs()
+    twin = copy.deepcopy(model).compile_blocks(backend='eager')
+    assert set(twin.state_dict()) == set(model.state_dict())
+    loss, pred, grads = _step(model, x, mask)
+    loss_c, pred_c, grads_c = _step(twin, x, mask)
+    torch.testing.assert_close(loss_c, loss)
+    torch.testing.assert_close(pred_c, pred)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_c[name], g, rtol=1e-3, atol=1e-5)

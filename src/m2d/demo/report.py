@@ -117,8 +117,9 @@ def write_report(out: Path, ev: dict[str, Any], info: dict[str, Any], timings: d
             md += [f'![{k}]({_rel(p, out)})', '']
         md += [f'The full evaluation report: [{_rel(eval_dir / "report.md", out)}]({_rel(eval_dir / "report.md", out)}).', '']
 
-    md += ['## What ran', '', '| stage | seconds |', '|---|---|']
-    md += [f'| {k} | {v:.1f} |' for k, v in timings.items()]
+    cpu = info.get('cpu_s', {})
+    md += ['## What ran', '', '| stage | wall-clock s | CPU s (all threads) |', '|---|---|---|']
+    md += [f'| {k} | {v:.1f} | {cpu[k]:.1f} |' if k in cpu else f'| {k} | {v:.1f} | |' for k, v in timings.items()]
     md += ['', f'Device {info["device"]}, bf16 {"on" if info["bf16"] else "off"}, {info["threads"]} torch threads. '
            f'Data: {info["task"]}.', '', 'The commands of each stage (run them on your own data):', '', '```sh']
     if 'data_dir' in info['source'] and not cfg.get('data_dir'):

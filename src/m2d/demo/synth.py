@@ -2,9 +2,9 @@
 
 Every class is a *temporal pattern* of a harmonic sound (a glide, a vibrato, a trill, repeated
 plucks, ...). What is not the class varies from clip to clip over the same ranges for every class:
-the pitch (three octaves), the timbre (number of harmonics, spectral tilt, odd-only harmonics),
+the pitch (two octaves), the timbre (number of harmonics, spectral tilt, odd-only harmonics),
 the envelope (attack, release, onset, length), the loudness and the background noise (white or
-pink, 0-25 dB SNR). The average spectrum of a clip therefore says little about its class; the
+pink, 5-30 dB SNR). The average spectrum of a clip therefore says little about its class; the
 spectro-temporal shape says it all, which is what a pre-trained audio encoder is expected to capture.
 
 Each clip is drawn from its own generator seeded by ``(seed, class index, clip index)``, so a
@@ -34,9 +34,9 @@ LABELS_CSV = 'labels.csv'
 class Voice:
     """The per-clip nuisance draws shared by every class."""
 
-    f0: float            # Hz, log-uniform over three octaves
+    f0: float            # Hz, log-uniform over two octaves
     harmonics: np.ndarray  # [K] amplitude of harmonic k+1 (zeros for the skipped ones)
-    gain: float          # linear, -18..0 dB
+    gain: float          # linear, -12..0 dB
     onset: float         # s
     length: float        # s, sounding part
     attack: float        # s
@@ -47,17 +47,17 @@ class Voice:
 
 def _voice(rng: np.random.Generator, seconds: float) -> Voice:
     k = np.arange(1, 13)
-    n = int(rng.integers(1, 13))
-    amps = k.astype(np.float64) ** -rng.uniform(0.3, 2.0) * rng.uniform(0.5, 1.0, k.size)
+    n = int(rng.integers(4, 13))
+    amps = k.astype(np.float64) ** -rng.uniform(0.5, 1.5) * rng.uniform(0.5, 1.0, k.size)
     amps[n:] = 0.0
-    if rng.random() < 0.3:  # clarinet-like: odd harmonics only
+    if rng.random() < 0.2:  # clarinet-like: odd harmonics only
         amps[1::2] = 0.0
-    onset = rng.uniform(0.0, 0.25 * seconds)
-    length = rng.uniform(0.6, 0.95) * (seconds - onset)
-    return Voice(f0=float(110.0 * 2 ** rng.uniform(0, 3)), harmonics=amps / amps.sum(),
-                 gain=float(10 ** (-rng.uniform(0, 18) / 20)), onset=float(onset), length=float(length),
-                 attack=float(rng.uniform(0.005, 0.08)), release=float(rng.uniform(0.02, 0.3)),
-                 snr_db=float(rng.uniform(0, 25)), pink=bool(rng.random() < 0.5))
+    onset = rng.uniform(0.0, 0.2 * seconds)
+    length = rng.uniform(0.7, 0.95) * (seconds - onset)
+    return Voice(f0=float(150.0 * 2 ** rng.uniform(0, 2)), harmonics=amps / amps.sum(),
+                 gain=float(10 ** (-rng.uniform(0, 12) / 20)), onset=float(onset), length=float(length),
+                 attack=float(rng.uniform(0.005, 0.05)), release=float(rng.uniform(0.02, 0.2)),
+                 snr_db=float(rng.uniform(5, 30)), pink=bool(rng.random() < 0.5))
 
 
 def _harmonic(f0_track: np.ndarray, harmonics: np.ndarray, sr: int, rng: np.random.Generator) -> np.ndarray:
@@ -95,7 +95,7 @@ def _tone(t, v, rng):
 
 
 def _vibrato(t, v, rng):
-    rate, depth = rng.uniform(4, 8), rng.uniform(0.03, 0.08)
+    rate, depth = rng.uniform(4, 8), rng.uniform(0.06, 0.12)
     return v.f0 * 2 ** (depth * np.sin(2 * np.pi * rate * _local(t, v))), _envelope(t, v)
 
 
@@ -122,7 +122,7 @@ def _plucks(t, v, rng):
 
 
 def _trill(t, v, rng):
-    rate, semis = rng.uniform(4, 10), rng.integers(2, 6)
+    rate, semis = rng.uniform(4, 10), rng.integers(3, 8)
     upper = np.floor(_local(t, v) * rate) % 2
     return v.f0 * 2 ** (upper * semis / 12), _envelope(t, v)
 

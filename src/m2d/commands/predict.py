@@ -29,13 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='crop/pad each file to S seconds (default: the fine-tuning length; 0: whole file)')
     parser.add_argument('--multilabel', action='store_true',
                         help='sigmoid probabilities (for EVAR files of multi-label tasks, which do not say)')
-    parser.add_argument('--device', default='cpu', help='torch device (default cpu)')
+    parser.add_argument('--device', default=None, help='torch device (default cuda if available, else cpu)')
     parser.add_argument('--trust', action='store_true', help='allow weight files that need code to unpickle')
 
 
 def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
+
+    import torch
 
     from ..audio import find_audio_files
     from ..checkpoint import CheckpointError
@@ -61,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
         clf = load_classifier(args.weights, multilabel=True if args.multilabel else None, trust=args.trust)
     except CheckpointError as e:
         raise CommandError(str(e)) from None
-    results = predict_files(clf, files, top=args.top, unit_sec=args.unit_sec, device=args.device)
+    try:
+        device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise CommandError(f'--device {args.device!r}: not a torch device (e.g. cpu, cuda, cuda:1)') from None
+    results = predict_files(clf, files, top=args.top, unit_sec=args.unit_sec, device=device)
     if args.json:
         print(json.dumps(results, indent=1))
         return 0

@@ -83,7 +83,8 @@ def _next_generation(*_) -> None:
 
 
 def clear_low_precision_cache() -> None:
-    """Drop every cached copy (needed only after changing weights through ``.data``)."""
+    """Drop every cached copy: frees their memory; needed for correctness only after weights were
+    changed through ``.data`` (which hides the change from the version counter)."""
     _next_generation()
     _SHADOWS.clear()
 
@@ -134,7 +135,9 @@ def low_precision(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     new storage, or any optimizer step (a global post-step hook, since fused optimizers update in
     place without a version bump). All stale copies are refreshed together, in one multi-tensor
     copy, on the first use after an update. The gradient reaches the parameter in its own dtype,
-    as through autocast's cast. Under ``torch.compile`` this is a plain cast.
+    as through autocast's cast. Under ``torch.compile`` this is a plain cast. The copies live as
+    long as their parameters (half the memory of float32 weights); `clear_low_precision_cache`
+    frees them.
     """
     global _HOOKED
     if torch.compiler.is_compiling():
@@ -180,7 +183,8 @@ class PatchEmbed(nn.Module):
         if dtype is None or dtype == proj.weight.dtype:
             x = proj(x)
         else:
-            x = F.conv2d(x, low_precision(proj.weight, dtype), low_precision(proj.bias, dtype), proj.stride)
+            bias = None if proj.bias is None else low_precision(proj.bias, dtype)
+            x = F.conv2d(x, low_precision(proj.weight, dtype), bias, proj.stride)
         return x.flatten(2).transpose(1, 2)  # [B, D, Fp, Tp] -> [B, Fp*Tp, D]
 
 

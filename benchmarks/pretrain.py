@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
               'gflop_per_sample': flops['linear_blocks'] / 1e9,
               'gflop_per_sample_with_attention_and_embeddings': flops['total'] / 1e9,
               'tokens': flops['tokens'], 'compile': args.compile,
-              'keep_freed_memory': args.keep_freed_memory, 'malloc_env': malloc_env(), 'load_average': {'start': os.getloadavg()},
-              'results': {}}
+              'keep_freed_memory': args.keep_freed_memory, 'malloc_env': malloc_env(),
+              'load_average': {'start': os.getloadavg()}, 'results': {}}
     for name in args.precisions.split(','):
         name = name.strip()
         if name not in ('fp32', 'bf16'):

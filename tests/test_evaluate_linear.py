@@ -122,3 +122,12 @@ def test_embeddings_select_layers_and_skip_failed_clips():
         parse_layers('12', 12)
     with pytest.raises(EmbeddingError, match='--layers'):
         parse_layers('last2', 12)
+
+
+def test_convergence_note_flags_an_under_trained_probe():
+    from m2d.evaluate.linear import LinearOptions, convergence_note
+
+    opts = LinearOptions(epochs=200, lr=3e-5)
+    note = convergence_note('model', {'best_epoch': [200, 199, 195], 'epochs_run': [200, 200, 200]}, opts)
+    assert 'still improving at epoch 200' in note and '--lr' in note
+    assert convergence_note('model', {'best_epoch': [60, 200, 195], 'epochs_run': [80, 200, 200]}, opts) is None

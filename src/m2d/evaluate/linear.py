@@ -170,6 +170,17 @@ def _entry(result: ProbeResult, emb: Embeddings) -> dict[str, Any]:
             'epochs_run': [f.epochs_run for f in result.fits], 'dim': emb.dim}
 
 
+def convergence_note(name: str, entry: dict[str, Any], opts: LinearOptions) -> str | None:
+    """A warning when the probe never stopped early and its best epoch is near the last one with every
+    seed: the validation metric was still improving, so the result says more about the optimization
+    (lr x steps) than about the representation."""
+    near_end = all(b > 0.9 * opts.epochs for b in entry['best_epoch'])
+    if near_end and all(e == opts.epochs for e in entry['epochs_run']):
+        return (f'{name}: the probe was still improving at epoch {opts.epochs} (best epochs {entry["best_epoch"]}); '
+                f'it is under-trained at lr {opts.lr:g} - compare with a larger --lr (e.g. 1e-3) or more --epochs')
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # one weight file
 
@@ -310,6 +321,10 @@ def evaluate_weights(weights: str | Path, task: Task, output_dir: str | Path | N
             timings[f'probe_{kind}_s'] = probe_s
 
     report['skipped'] = skipped
+    notes = [convergence_note(k, report[k], opts) for k in ('model', 'random', 'logmel') if k in report]
+    report['notes'] = [n for n in notes if n]
+    for note in report['notes']:
+        log.warning('%s', note)
     timings['total_s'] = time.perf_counter() - t_start
     report['timings'] = timings
     report['created'] = datetime.now(timezone.utc).isoformat(timespec='seconds')

@@ -48,6 +48,7 @@ def markdown(report: dict[str, Any]) -> str:
                          ', '.join(f'{100 * v:.2f}' for v in e['per_seed'])])
     out += _table(['representation', f'test {metric} (mean ± std, {n_seeds} seeds)', 'dim', 'per seed (%)'], rows)
     out += ['', f'Weights: `{report["weights"]}` (sha256 {report["weights_sha256"][:12]}…)', '']
+    out += [f'> Note: {note}' for note in report.get('notes', [])] + ([''] if report.get('notes') else [])
 
     out += ['## Task', '']
     c = task['clips']

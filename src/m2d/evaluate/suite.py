@@ -114,14 +114,14 @@ def run_suite(weights: list[str | Path], suite: str | Path, output_dir: str | Pa
     for entry in entries:
         try:
             task = load_suite_task(entry, unit_sec, split_seed)
-        except M2DError as e:
+        except (M2DError, OSError, ValueError) as e:  # one bad task never stops the others
             errors[entry['name']] = str(e)
             log.error('suite task %s: %s', entry['name'], e)
             continue
         for w in weights:
             try:
                 reports.append(evaluate_weights(w, task, out / weights_name(w) / task.name, opts))
-            except M2DError as e:
+            except (M2DError, OSError, ValueError) as e:
                 errors[f'{entry["name"]} / {weights_name(w)}'] = str(e)
                 log.error('suite task %s with %s: %s', entry['name'], w, e)
     summary = write_summary(reports, out, task_order=[e['name'] for e in entries], errors=errors)

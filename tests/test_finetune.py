@@ -225,7 +225,7 @@ def test_checkpoint_reproduces_the_reported_test_score(setup, run):
 
 def test_early_stopping_keeps_the_best_validation_epoch(setup, tmp_path, monkeypatch):
     root, ckpt, csv = setup
-    task = load_task(csv=csv, data_dir=FSDD, unit_sec=UNIT_SEC)
+    task = load_task(csv=csv, data_dir=FSDD, unit_sec=0.3)
     scripted = iter([0.2, 0.6, 0.4, 0.3, 0.1, 0.9])  # valid per epoch; the test call gets what remains
     seen = []
 
@@ -234,7 +234,7 @@ def test_early_stopping_keeps_the_best_validation_epoch(setup, tmp_path, monkeyp
         return next(scripted)
 
     monkeypatch.setattr(ft, 'evaluate_scores', fake_scores)
-    report = ft.finetune(ckpt, task, tmp_path, epochs=10, patience=2, batch_size=8, lr=0.01, mixup=0.0,
+    report = ft.finetune(ckpt, task, tmp_path, epochs=10, patience=2, batch_size=10, lr=0.01, mixup=0.0,
                          rrc=False, progress=False)
     assert report['best_epoch'] == 1 and report['valid_best'] == 0.6
     assert report['epochs_run'] == 4 and report['early_stopped']   # epochs 2 and 3 without improvement
@@ -392,7 +392,6 @@ def test_optimizers_and_bf16(setup, tmp_path, optim, bf16):
     assert np.isfinite(report['curves'][0]['train_loss'])
 
 
-@pytest.mark.slow  # a short `m2d pretrain` run first
 def test_pretrain_then_finetune_then_predict(setup, tmp_path, capsys):
     """The whole path of a user: `m2d pretrain` -> `m2d finetune` on its checkpoint -> `m2d predict`."""
     from m2d.data.convert import convert

@@ -177,7 +177,7 @@ def convergence_note(name: str, entry: dict[str, Any], opts: LinearOptions) -> s
     near_end = all(b > 0.9 * opts.epochs for b in entry['best_epoch'])
     if near_end and all(e == opts.epochs for e in entry['epochs_run']):
         return (f'{name}: the probe was still improving at epoch {opts.epochs} (best epochs {entry["best_epoch"]}); '
-                f'it is under-trained at lr {opts.lr:g} - compare with a larger --lr (e.g. 1e-3) or more --epochs')
+                f'it is under-trained at lr {opts.lr:g} - compare with a larger --lr or more --epochs')
     return None
 
 

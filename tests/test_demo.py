@@ -132,3 +132,12 @@ def test_quick_demo_end_to_end(tmp_path):
     # pre-training saw the train split only
     n_train = sum(1 for _ in (out / 'work' / 'lms').rglob('*.npy'))
     assert n_train == report['n_pretrain_clips'] == 5 * len(synth.CLASSES)
+
+
+def test_default_and_quick_settings():
+    from m2d.demo import DemoConfig
+
+    default, quick = DemoConfig(), DemoConfig.quick_run(epochs=2)
+    assert not default.quick and quick.quick
+    assert quick.epochs == 2 and quick.seeds == 1 and default.seeds == 3
+    assert default.work == default.output_dir / 'work'

@@ -17,7 +17,7 @@ Stages (each is an m2d command; the report lists the exact command lines):
   5. report      OUTPUT_DIR/report.md and report.json: result table, curves, mask figure, embedding map
 
 examples:
-  m2d demo                                   # about 10 minutes on a 2-core CPU
+  m2d demo                                   # minutes on a 2-core CPU (see the report's timings)
   m2d demo --quick                           # a tiny run (seconds): few clips, one epoch, one seed
   m2d demo --data_dir my_sounds/             # your audio, one sub-folder per class
   m2d demo --task fsdd-digits --data_dir data/fsdd --epochs 40
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     paths = dict(output_dir=Path(args.output_dir), work_dir=Path(args.work_dir) if args.work_dir else None,
                  data_dir=Path(args.data_dir) if args.data_dir else None, csv=Path(args.csv) if args.csv else None,
                  task=args.task, device=args.device, bf16=args.bf16, progress=not args.quiet)
-    cfg = DemoConfig.quick(**paths, **given) if args.quick else DemoConfig(**paths, **given)
+    cfg = DemoConfig.quick_run(**paths, **given) if args.quick else DemoConfig(**paths, **given)
     result = run_demo(cfg)
     print(f'report: {result.report_md}')
     print(result.verdict)

@@ -52,7 +52,7 @@ class DemoConfig:
     csv: Path | None = None              # with data_dir: file_name,label[,split]
     task: str | None = None              # a built-in task with data_dir (fsdd-digits, fsdd-speakers)
     clips_per_class: int = 120           # synthesized clips per class
-    epochs: int = 80
+    epochs: int = 150
     batch_size: int = 64
     depth: int = 2
     decoder_depth: int = 1
@@ -73,7 +73,7 @@ class DemoConfig:
     quick: bool = False                  # a smoke run: its verdict says so
 
     @classmethod
-    def quick(cls, **overrides: Any) -> DemoConfig:
+    def quick_run(cls, **overrides: Any) -> DemoConfig:
         """A tiny run for tests and a first look (seconds): few clips, one epoch, one seed."""
         cfg = cls(clips_per_class=8, epochs=1, batch_size=16, seeds=1, probe_epochs=20, warmup_epochs=0,
                   rank_every=1, quick=True)
@@ -207,11 +207,11 @@ class _TrainProgress:
 
 
 class _DropTrainerInfo(logging.Filter):
-    """Holds back the trainer's per-step INFO lines on the console (the progress bar shows them)."""
+    """Holds back the trainer's per-step and per-epoch INFO lines on the console (the bar shows them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.name == 'm2d.train.monitor' and record.levelno <= logging.INFO
-                    and record.getMessage().startswith('step '))
+                    and record.getMessage().startswith(('step ', 'epoch ')))
 
 
 # ----- stages ---------------------------------------------------------------------------------

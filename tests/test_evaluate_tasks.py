@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import FSDD, need
 from m2d.evaluate import Clip, TaskError, load_clip, load_task
 from m2d.evaluate.tasks import stratified_split
 

@@ -106,7 +106,8 @@ def test_embeddings_select_layers_and_skip_failed_clips():
     from pathlib import Path
 
     from m2d.evaluate import Clip
-    from m2d.evaluate.embed import EmbeddingError, Embeddings, parse_layers
+    from m2d.evaluate.embed import Embeddings, parse_layers
+    from m2d.errors import M2DError
 
     x = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)  # 3 clips, layers [3, 11], 4-d
     emb = Embeddings('model', ['a', 'b', 'd'], x, layers=[3, 11], failed=[('c.wav', 'unreadable')])
@@ -118,9 +119,9 @@ def test_embeddings_select_layers_and_skip_failed_clips():
     np.testing.assert_array_equal(last, x[:, 1])
     assert parse_layers(None, 12) is None and parse_layers('all', 4) == [0, 1, 2, 3]
     assert parse_layers('0,-1,11', 12) == [0, 11]
-    with pytest.raises(EmbeddingError, match='out of range'):
+    with pytest.raises(M2DError, match='out of range'):
         parse_layers('12', 12)
-    with pytest.raises(EmbeddingError, match='--layers'):
+    with pytest.raises(M2DError, match='--layers'):
         parse_layers('last2', 12)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from . import jobs
 from .audio import AUDIO_SUFFIXES, load_audio
+from .errors import M2DError
 from .fileio import atomic_path
 
 POOLS = ('none', 'mean')
@@ -52,21 +53,28 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def parse_layers(spec: str | None, depth: int) -> list[int] | None:
-    """``None``/``''`` -> None (final output only); ``'all'`` -> every layer; ``'0,6,11'`` or ``'-1'`` -> those."""
-    if spec is None or spec.strip() == '':
+class LayerSpecError(M2DError, ValueError):
+    """A ``--layers`` value that names no layers of the encoder."""
+
+
+def parse_layers(spec: str | Sequence[int] | None, depth: int) -> list[int] | None:
+    """``None``/``''``/``'last'`` -> None (the final output only); ``'all'`` -> every layer;
+    ``'0,6,-1'`` or a list of indices -> those layers (negative from the end, duplicates dropped)."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ('', 'last')):
         return None
-    if spec.strip().lower() == 'all':
-        return list(range(depth))
-    layers = []
-    for part in spec.split(','):
+    if isinstance(spec, str):
+        if spec.strip().lower() == 'all':
+            return list(range(depth))
         try:
-            i = int(part)
+            spec = [int(p) for p in spec.split(',')]
         except ValueError:
-            raise ValueError(f'--layers {spec!r}: expected "all" or comma-separated layer indices') from None
+            raise LayerSpecError(f'--layers {spec!r}: expected "all" or comma-separated layer indices') from None
+    layers: list[int] = []
+    for i in map(int, spec):
         if not -depth <= i < depth:
-            raise ValueError(f'--layers {spec!r}: layer {i} is out of range for a {depth}-layer encoder')
-        layers.append(i % depth)
+            raise LayerSpecError(f'--layers: layer {i} is out of range for a {depth}-layer encoder')
+        if i % depth not in layers:
+            layers.append(i % depth)
     return layers
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..encode_files import parse_layers  # noqa: F401  (re-exported: evaluation's --layers)
 from ..errors import M2DError
 from ..fileio import atomic_path
 from .tasks import Clip, Task, load_clip
@@ -153,26 +154,6 @@ def run_clips(task: Task, clips: Sequence[Clip], name: str, read: Callable[[Clip
     seconds = time.perf_counter() - t0
     summary = jobs.finish(summary, plan)  # logs the one-line result (no files: results stay in memory)
     return dict(summary.results), [(str(p), str(r)) for p, r in summary.failed], seconds
-
-
-def parse_layers(spec: str | Sequence[int] | None, depth: int) -> list[int] | None:
-    """``None`` -> None (the last layer); ``'all'`` -> every layer; ``'0,6,-1'`` or a list -> those indices."""
-    if spec is None or (isinstance(spec, str) and spec.strip() in ('', 'last')):
-        return None
-    if isinstance(spec, str):
-        if spec.strip().lower() == 'all':
-            return list(range(depth))
-        try:
-            spec = [int(p) for p in spec.split(',')]
-        except ValueError:
-            raise EmbeddingError(f'--layers {spec!r}: expected "all" or comma-separated layer indices') from None
-    out = []
-    for i in spec:
-        if not -depth <= int(i) < depth:
-            raise EmbeddingError(f'--layers: layer {i} is out of range for a {depth}-layer encoder')
-        if int(i) % depth not in out:
-            out.append(int(i) % depth)
-    return out
 
 
 def model_embeddings(runtime, task: Task, *, name: str = 'model', identity: dict[str, Any] | None = None,

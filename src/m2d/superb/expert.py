@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from ..audio import LOG_EPS
 from ..fileio import atomic_path
 from . import SuperbError
 from .stats import Moments, padded_lms
+from .tasks import check_stats
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,7 @@ def parse_ckpt_arg(ckpt: str) -> tuple[str, tuple[float, float] | None]:
     if len(parts) != 3 or not parts[0]:
         raise SuperbError(f'-k {ckpt!r}: {usage}; got {len(parts)} comma-separated parts '
                           '(a weight file path may not contain commas)')
-    try:
-        mean, std = float(parts[1]), float(parts[2])
-    except ValueError:
-        raise SuperbError(f'-k {ckpt!r}: MEAN and STD must be numbers; {usage}') from None
-    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-        raise SuperbError(f'-k {ckpt!r}: MEAN must be finite and STD positive (is the order CKPT,MEAN,STD?)')
-    return parts[0], (mean, std)
+    return parts[0], check_stats(parts[1], parts[2], f'-k {ckpt!r} (CKPT,MEAN,STD)')
 
 
 def _load_16k(path: str):

@@ -69,17 +69,23 @@ def preset_stats(name: str) -> tuple[str, str]:
     return get_task(name).stats
 
 
+def check_stats(mean: str, std: str, what: str) -> tuple[float, float]:
+    """MEAN and STD as given -> floats; a SuperbError naming `what` unless both are finite and STD > 0."""
+    try:
+        m, s = float(mean), float(std)
+    except ValueError:
+        raise SuperbError(f'{what}: MEAN and STD must be numbers') from None
+    if not (math.isfinite(m) and math.isfinite(s) and s > 0):
+        raise SuperbError(f'{what}: MEAN must be finite and STD positive')
+    return m, s
+
+
 def parse_stats(text: str, what: str = '--stats') -> tuple[str, str]:
     """'MEAN,STD' -> (mean, std) as given (checked to be numbers, std > 0)."""
     parts = [p.strip() for p in str(text).split(',')]
     if len(parts) != 2:
         raise SuperbError(f'{what} {text!r}: expected MEAN,STD (e.g. -11.506255,4.314857)')
-    try:
-        mean, std = float(parts[0]), float(parts[1])
-    except ValueError:
-        raise SuperbError(f'{what} {text!r}: MEAN and STD must be numbers') from None
-    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-        raise SuperbError(f'{what} {text!r}: MEAN must be finite and STD positive')
+    check_stats(parts[0], parts[1], f'{what} {text!r}')
     return parts[0], parts[1]
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 EPILOG = """\
 Stages (each is an m2d command; the report lists the exact command lines):
-  1. data        8 synthesized sound classes (pitch, timbre, envelope and noise vary within a class),
-                 written as WAV files, one sub-folder per class; or your --data_dir
+  1. data        8 synthesized timbres (4 vowel-like formant patterns; brass, reed, bar and buzz
+                 partials), each over 2 octaves of pitch with random vibrato/tremolo, envelope,
+                 loudness and noise (-5..15 dB SNR); 0.95-s WAV files, one sub-folder per class;
+                 or your --data_dir
   2. convert     the train split's audio to log-mel .npy files (m2d convert)
   3. pretrain    a tiny M2D (ViT-Tiny width, 2 blocks) from scratch on those files (m2d pretrain),
                  bf16 where the device supports it, with a progress bar and the effective-rank monitor
@@ -17,7 +19,7 @@ Stages (each is an m2d command; the report lists the exact command lines):
   5. report      OUTPUT_DIR/report.md and report.json: result table, curves, mask figure, embedding map
 
 examples:
-  m2d demo                                   # minutes on a 2-core CPU (see the report's timings)
+  m2d demo                                   # ~3 minutes on a 2-core CPU (see the report's timings)
   m2d demo --quick                           # a tiny run (seconds): few clips, one epoch, one seed
   m2d demo --data_dir my_sounds/             # your audio, one sub-folder per class
   m2d demo --task fsdd-digits --data_dir data/fsdd --epochs 40

@@ -1,11 +1,12 @@
 """Synthesized sound classes: a small labeled audio collection made without the network.
 
-Every class is a *temporal pattern* of a harmonic sound (a glide, a vibrato, a trill, repeated
-plucks, ...). What is not the class varies from clip to clip over the same ranges for every class:
-the pitch (two octaves), the timbre (number of harmonics, spectral tilt, odd-only harmonics),
-the envelope (attack, release, onset, length), the loudness and the background noise (white or
-pink, 5-30 dB SNR). The average spectrum of a clip therefore says little about its class; the
-spectro-temporal shape says it all, which is what a pre-trained audio encoder is expected to capture.
+Every class is a *timbre*: a spectral envelope (vowel-like formant resonances) or a partial
+structure (all harmonics, odd harmonics only, stretched inharmonic partials) of a pitched sound.
+What is not the class varies from clip to clip over the same ranges for every class: the pitch
+(two octaves), a small random tilt and formant shift, a vibrato or tremolo or neither, the envelope
+(attack, release, onset, length), the loudness and the background noise (white or pink, 0-20 dB
+SNR). Some classes differ in their average spectrum, others only in how their partials are spaced
+(which moves with the pitch), so the mean log-mel spectrum solves part of the task, not all of it.
 
 Each clip is drawn from its own generator seeded by ``(seed, class index, clip index)``, so a
 collection is identical for a seed whatever the number of clips per class.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,35 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 LABELS_CSV = 'labels.csv'
+N_PARTIALS = 24
+
+
+@dataclass(frozen=True)
+class Timbre:
+    """One class: the partials' frequency ratios and the spectral envelope they are weighted by."""
+
+    partials: str = 'harmonic'                     # 'harmonic', 'odd' (odd harmonics only) or 'bar' (inharmonic)
+    formants: tuple[float, ...] = ()               # Hz; resonance peaks of the envelope (none: a plain tilt)
+    tilt: float = 1.0                              # the envelope falls as frequency ** -tilt
+
+
+CLASSES: dict[str, Timbre] = {
+    'vowel_a': Timbre(formants=(730, 1090, 2440), tilt=0.5),
+    'vowel_e': Timbre(formants=(530, 1840, 2480), tilt=0.5),
+    'vowel_i': Timbre(formants=(270, 2290, 3010), tilt=0.5),
+    'vowel_u': Timbre(formants=(300, 870, 2240), tilt=0.5),
+    'brass': Timbre('harmonic'),
+    'reed': Timbre('odd'),
+    'bar': Timbre('bar'),
+    'buzz': Timbre('harmonic', tilt=0.3),
+}
+
+# partial frequency ratios: a free bar's modes (a xylophone-like inharmonic series), then harmonics
+_RATIOS = {
+    'harmonic': np.arange(1, N_PARTIALS + 1, dtype=np.float64),
+    'odd': np.arange(1, 2 * N_PARTIALS, 2, dtype=np.float64),
+    'bar': ((2 * np.arange(1, N_PARTIALS + 1) + 1) / 3.0112) ** 2,
+}
 
 
 @dataclass(frozen=True)
@@ -35,7 +65,11 @@ class Voice:
     """The per-clip nuisance draws shared by every class."""
 
     f0: float            # Hz, log-uniform over two octaves
-    harmonics: np.ndarray  # [K] amplitude of harmonic k+1 (zeros for the skipped ones)
+    tilt: float          # added to the class's tilt
+    shift: float         # formant frequencies are multiplied by it
+    modulation: str      # 'none', 'vibrato' or 'tremolo'
+    rate: float          # Hz, of the modulation
+    depth: float         # octaves (vibrato) or amplitude fraction (tremolo)
     gain: float          # linear, -12..0 dB
     onset: float         # s
     length: float        # s, sounding part
@@ -46,98 +80,33 @@ class Voice:
 
 
 def _voice(rng: np.random.Generator, seconds: float) -> Voice:
-    k = np.arange(1, 13)
-    n = int(rng.integers(4, 13))
-    amps = k.astype(np.float64) ** -rng.uniform(0.5, 1.5) * rng.uniform(0.5, 1.0, k.size)
-    amps[n:] = 0.0
-    if rng.random() < 0.2:  # clarinet-like: odd harmonics only
-        amps[1::2] = 0.0
-    onset = rng.uniform(0.0, 0.2 * seconds)
-    length = rng.uniform(0.7, 0.95) * (seconds - onset)
-    return Voice(f0=float(150.0 * 2 ** rng.uniform(0, 2)), harmonics=amps / amps.sum(),
-                 gain=float(10 ** (-rng.uniform(0, 12) / 20)), onset=float(onset), length=float(length),
-                 attack=float(rng.uniform(0.005, 0.05)), release=float(rng.uniform(0.02, 0.2)),
-                 snr_db=float(rng.uniform(5, 30)), pink=bool(rng.random() < 0.5))
+    onset = rng.uniform(0.0, 0.15 * seconds)
+    modulation = str(rng.choice(['none', 'vibrato', 'tremolo']))
+    return Voice(f0=float(110.0 * 2 ** rng.uniform(0, 2)), tilt=float(rng.uniform(-0.5, 0.5)),
+                 shift=float(2 ** rng.uniform(-0.25, 0.25)), modulation=modulation,
+                 rate=float(rng.uniform(4, 8)),
+                 depth=float(rng.uniform(0.02, 0.05) if modulation == 'vibrato' else rng.uniform(0.3, 0.6)),
+                 gain=float(10 ** (-rng.uniform(0, 12) / 20)), onset=float(onset),
+                 length=float(rng.uniform(0.75, 0.95) * (seconds - onset)),
+                 attack=float(rng.uniform(0.005, 0.05)), release=float(rng.uniform(0.02, 0.15)),
+                 snr_db=float(rng.uniform(-5, 15)), pink=bool(rng.random() < 0.5))
 
 
-def _harmonic(f0_track: np.ndarray, harmonics: np.ndarray, sr: int, rng: np.random.Generator) -> np.ndarray:
-    """A harmonic sound following the fundamental track ``f0_track`` (Hz per sample) ``[N]``.
-
-    Harmonics above 0.45 sr fade out (no aliasing); each starts at a random phase.
-    """
-    phase = 2 * np.pi * np.cumsum(f0_track) / sr
-    out = np.zeros_like(f0_track)
-    for k, a in enumerate(harmonics, start=1):
-        if a <= 0:
-            continue
-        fade = np.clip((0.45 * sr - k * f0_track) / (0.05 * sr), 0.0, 1.0)
-        out += a * fade * np.sin(k * phase + rng.uniform(0, 2 * np.pi))
-    return out
+def envelope_gain(freqs: np.ndarray, timbre: Timbre, v: Voice) -> np.ndarray:
+    """The spectral envelope of `timbre` for voice `v` at `freqs` (Hz): a tilt times formant peaks."""
+    gain = (np.maximum(freqs, 50.0) / 100.0) ** -(timbre.tilt + v.tilt)
+    if timbre.formants:
+        peaks = sum(1.0 / (1.0 + ((freqs - f * v.shift) / (0.06 * f + 40.0)) ** 2) for f in timbre.formants)
+        gain = gain * (0.05 + peaks)
+    return gain
 
 
-def _envelope(t: np.ndarray, v: Voice) -> np.ndarray:
+def _gate(t: np.ndarray, v: Voice) -> np.ndarray:
     """Attack-sustain-release gate of the sounding part ``[N]`` (0 outside it)."""
     u = t - v.onset
     rise = np.clip(u / v.attack, 0.0, 1.0)
     fall = np.clip((v.length - u) / v.release, 0.0, 1.0)
     return np.where((u >= 0) & (u <= v.length), rise * fall, 0.0)
-
-
-def _local(t: np.ndarray, v: Voice) -> np.ndarray:
-    """Time since the onset, clipped to the sounding part (for glides and modulations)."""
-    return np.clip(t - v.onset, 0.0, v.length)
-
-
-# ----- the classes: (t [N] seconds, voice, rng) -> (f0 track [N], amplitude [N]) -------------------
-
-def _tone(t, v, rng):
-    return np.full_like(t, v.f0), _envelope(t, v)
-
-
-def _vibrato(t, v, rng):
-    rate, depth = rng.uniform(4, 8), rng.uniform(0.06, 0.12)
-    return v.f0 * 2 ** (depth * np.sin(2 * np.pi * rate * _local(t, v))), _envelope(t, v)
-
-
-def _rise(t, v, rng):
-    octaves = rng.uniform(0.5, 1.5)
-    return v.f0 * 2 ** (octaves * (_local(t, v) / v.length - 0.5)), _envelope(t, v)
-
-
-def _fall(t, v, rng):
-    octaves = rng.uniform(0.5, 1.5)
-    return v.f0 * 2 ** (-octaves * (_local(t, v) / v.length - 0.5)), _envelope(t, v)
-
-
-def _tremolo(t, v, rng):
-    rate, depth = rng.uniform(5, 12), rng.uniform(0.7, 1.0)
-    am = 1 - depth * 0.5 * (1 - np.cos(2 * np.pi * rate * _local(t, v)))
-    return np.full_like(t, v.f0), _envelope(t, v) * am
-
-
-def _plucks(t, v, rng):
-    rate, decay = rng.uniform(3, 8), rng.uniform(15, 40)
-    phase = (_local(t, v) * rate) % 1.0 / rate  # time since the last pluck
-    return np.full_like(t, v.f0), _envelope(t, v) * np.exp(-decay * phase)
-
-
-def _trill(t, v, rng):
-    rate, semis = rng.uniform(4, 10), rng.integers(3, 8)
-    upper = np.floor(_local(t, v) * rate) % 2
-    return v.f0 * 2 ** (upper * semis / 12), _envelope(t, v)
-
-
-def _arpeggio(t, v, rng):
-    steps = np.array([0, 4, 7, 12, 16]) if rng.random() < 0.5 else np.array([0, 3, 7, 12, 15])
-    n = int(rng.integers(3, 6))
-    idx = np.minimum((_local(t, v) / v.length * n).astype(int), n - 1)
-    return v.f0 * 2 ** (steps[idx] / 12), _envelope(t, v)
-
-
-CLASSES: dict[str, Callable] = {
-    'tone': _tone, 'vibrato': _vibrato, 'rise': _rise, 'fall': _fall,
-    'tremolo': _tremolo, 'plucks': _plucks, 'trill': _trill, 'arpeggio': _arpeggio,
-}
 
 
 def _noise(n: int, pink: bool, rng: np.random.Generator) -> np.ndarray:
@@ -150,15 +119,30 @@ def _noise(n: int, pink: bool, rng: np.random.Generator) -> np.ndarray:
     return np.fft.irfft(spec, n)
 
 
-def synthesize(label: str, rng: np.random.Generator, seconds: float = 2.0, sr: int = SAMPLE_RATE) -> np.ndarray:
+def synthesize(label: str, rng: np.random.Generator, seconds: float = 1.0, sr: int = SAMPLE_RATE) -> np.ndarray:
     """One clip of class `label` (a key of `CLASSES`): float32 ``[seconds * sr]`` within [-1, 1]."""
     if label not in CLASSES:
         raise M2DError(f'unknown sound class {label!r}; choose from {", ".join(CLASSES)}')
+    timbre = CLASSES[label]
     n = int(round(seconds * sr))
     t = np.arange(n) / sr
     v = _voice(rng, seconds)
-    f0, amp = CLASSES[label](t, v, rng)
-    x = _harmonic(f0, v.harmonics, sr, rng) * amp
+    local = np.clip(t - v.onset, 0.0, v.length)
+    amp = _gate(t, v)
+    f0 = np.full(n, v.f0)
+    if v.modulation == 'vibrato':
+        f0 = v.f0 * 2 ** (v.depth * np.sin(2 * np.pi * v.rate * local))
+    elif v.modulation == 'tremolo':
+        amp = amp * (1 - v.depth * 0.5 * (1 - np.cos(2 * np.pi * v.rate * local)))
+    ratios = _RATIOS[timbre.partials]
+    weights = envelope_gain(ratios * v.f0, timbre, v)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    x = np.zeros(n)
+    for r, a in zip(ratios, weights / weights.max()):
+        if r * v.f0 * 2 ** 0.06 > 0.45 * sr:  # no aliasing, vibrato included
+            break
+        x += a * np.sin(r * phase + rng.uniform(0, 2 * np.pi))
+    x *= amp
     noise = _noise(n, v.pink, rng)
     signal_rms = np.sqrt(np.mean(x[amp > 0.5] ** 2)) if np.any(amp > 0.5) else 1e-3
     noise *= signal_rms / (np.sqrt(np.mean(noise ** 2)) + 1e-12) * 10 ** (-v.snr_db / 20)
@@ -172,7 +156,7 @@ def clip_rng(seed: int, class_index: int, clip_index: int) -> np.random.Generato
     return np.random.default_rng([seed, class_index, clip_index])
 
 
-def make_collection(dest: str | Path, clips_per_class: int = 100, seconds: float = 2.0, seed: int = 0,
+def make_collection(dest: str | Path, clips_per_class: int = 100, seconds: float = 1.0, seed: int = 0,
                     classes: Sequence[str] | None = None, sr: int = SAMPLE_RATE) -> Path:
     """Write ``dest/CLASS/CLASS_NNNN.wav`` (16-bit PCM) and ``dest/labels.csv`` (file_name, label).
 
@@ -200,5 +184,5 @@ def make_collection(dest: str | Path, clips_per_class: int = 100, seconds: float
         w = csv.writer(f)
         w.writerow(['file_name', 'label'])
         w.writerows(rows)
-    log.info('%s: %d clips of %d classes (%.1f s, %d Hz)', dest, len(rows), len(names), seconds, sr)
+    log.info('%s: %d clips of %d classes (%.2f s, %d Hz)', dest, len(rows), len(names), seconds, sr)
     return dest

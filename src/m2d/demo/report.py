@@ -41,8 +41,9 @@ def _figures(out: Path, lms_dir: Path, run_dir: Path, mask_ratio: float, embed_d
     figs = {'loss': str(loss_figure(train, out / 'training_loss.png')),
             'effective_rank': str(rank_figure(epochs, out / 'effective_rank.png', max_rank=embed_dim))}
     npys = sorted(lms_dir.rglob('*.npy'))
-    if npys:  # a clip with a visible shape when the synthesized classes are there
-        pick = next((p for p in npys if p.parent.name in SHOWCASE), npys[len(npys) // 2])
+    if npys:  # the clearest of a few showcase clips (widest log-mel range: loud over little noise)
+        candidates = [p for p in npys if p.parent.name in SHOWCASE][:24] or [npys[len(npys) // 2]]
+        pick = max(candidates, key=lambda p: float(np.ptp(np.load(p))))
         figs['mask'] = str(mask_figure(np.load(pick)[0], (16, 16), mask_ratio, out / 'masking.png',
                                        title=pick.relative_to(lms_dir).as_posix()))
     return figs, curves

@@ -26,13 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = 'examples:\n' + __doc__.split('\n', 2)[2]
     sub = parser.add_subparsers(dest='action', required=True, metavar='ACTION')
 
-    p = sub.add_parser('install', help='write s3prl/upstream/m2d and register it in s3prl/hub.py')
-    p.add_argument('s3prl_root', help='root of an s3prl checkout (the folder holding s3prl/hub.py)')
-    p.add_argument('--dry_run', '--dry-run', dest='dry_run', action='store_true', help='only show what would change')
-
-    p = sub.add_parser('uninstall', help='remove the m2d upstream: revert hub.py, delete s3prl/upstream/m2d')
-    p.add_argument('s3prl_root', help='root of an s3prl checkout')
-    p.add_argument('--dry_run', '--dry-run', dest='dry_run', action='store_true', help='only show what would change')
+    for action, help in (('install', 'write s3prl/upstream/m2d and register it in s3prl/hub.py'),
+                         ('uninstall', 'remove the m2d upstream: revert hub.py, delete s3prl/upstream/m2d')):
+        p = sub.add_parser(action, help=help)
+        p.add_argument('s3prl_root', help='root of an s3prl checkout (the folder holding s3prl/hub.py)')
+        p.add_argument('--dry_run', '--dry-run', dest='dry_run', action='store_true',
+                       help='only show what would change')
 
     p = sub.add_parser('stats', formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="a task's normalization statistics (mean, std of its log-mel) -> -k CKPT,MEAN,STD",

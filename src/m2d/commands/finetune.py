@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from . import CommandError
 
 EPILOG = """\
 The encoder and a BatchNorm + Linear head are trained end to end as EVAR's finetune.py does (SGD,
@@ -94,7 +93,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import hub
-    from ..checkpoint import CheckpointError
     from ..evaluate.finetune import FinetuneSettings, finetune
     from ..evaluate.tasks import load_task
 
@@ -106,14 +104,7 @@ def run(args: argparse.Namespace) -> int:
         trust=args.trust, progress=not args.quiet)
     settings.check()  # option errors before the data is read
     task = load_task(args.task, csv=args.csv, data_dir=args.data_dir, unit_sec=args.unit_sec, seed=args.seed)
-    try:
-        weights = hub.weights_path(args.weights)
-    except (FileNotFoundError, hub.DownloadError, hub.UnknownModelError) as e:
-        raise CommandError(str(e)) from None
-    try:
-        report = finetune(weights, task, args.output_dir, settings)
-    except CheckpointError as e:
-        raise CommandError(str(e)) from None
+    report = finetune(hub.weights_path(args.weights), task, args.output_dir, settings)
     print(f'{task.name}: test {report["metric"]} {report["test"]:.4f} (best valid {report["valid_best"]:.4f} at '
           f'epoch {report["best_epoch"]}); checkpoint {report["checkpoint"]}; report {report["output_dir"]}/report.md')
     return 0

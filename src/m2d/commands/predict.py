@@ -40,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..audio import find_audio_files
-    from ..checkpoint import CheckpointError
     from ..evaluate.predict import load_classifier, predict_files
 
     if args.top < 1:
@@ -59,10 +58,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f'{p}: no such file')
         else:
             files.append(p)
-    try:
-        clf = load_classifier(args.weights, multilabel=True if args.multilabel else None, trust=args.trust)
-    except CheckpointError as e:
-        raise CommandError(str(e)) from None
+    clf = load_classifier(args.weights, multilabel=True if args.multilabel else None, trust=args.trust)
     try:
         device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     except RuntimeError:

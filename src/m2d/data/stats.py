@@ -19,6 +19,16 @@ log = logging.getLogger(__name__)
 _BLOCK = 1 << 22  # values per float64 block
 
 
+def merge_moments(a: tuple[int, float, float], b: tuple[int, float, float]) -> tuple[int, float, float]:
+    """(count, mean, sum of squared deviations) of two parts -> of their union (Chan's parallel merge)."""
+    (na, mean_a, m2_a), (nb, mean_b, m2_b) = a, b
+    total = na + nb
+    if total == 0:
+        return 0, 0.0, 0.0
+    delta = mean_b - mean_a
+    return total, mean_a + delta * nb / total, m2_a + m2_b + delta * delta * na * nb / total
+
+
 class RunningStats:
     """Count, mean and sum of squared deviations of a stream of arrays (float64, numerically stable)."""
 
@@ -38,12 +48,8 @@ class RunningStats:
         if n == 0:
             return
         mean = float(x.mean())
-        m2 = float(np.square(x - mean).sum())
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += m2 + delta * delta * self.count * n / total
-        self.count = total
+        self.count, self.mean, self.m2 = merge_moments((self.count, self.mean, self.m2),
+                                                       (n, mean, float(np.square(x - mean).sum())))
 
     def std(self, ddof: int = 1) -> float:
         return math.sqrt(self.m2 / (self.count - ddof)) if self.count > ddof else float('nan')

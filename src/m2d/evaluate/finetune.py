@@ -688,10 +688,10 @@ def write_report(report: dict[str, Any], output_dir: str | Path, confusion: np.n
     lines.append('')
     if figure is not None:
         lines += [f'![learning curves]({CURVES_PNG})', '']
-    if cm_figure is not None:
-        lines += [f'![confusion matrix]({CONFUSION_PNG})', '']
     else:
         lines += ['(learning-curve figure not drawn: matplotlib is not installed; the curves are in report.json)', '']
+    if cm_figure is not None:
+        lines += [f'![confusion matrix]({CONFUSION_PNG})', '']
     if report['skipped']:
         lines += ['Skipped unreadable clips: ' + ', '.join(f'{k} {len(v)}' for k, v in report['skipped'].items()), '']
     with atomic_path(output_dir / REPORT_MD) as tmp:

@@ -33,6 +33,7 @@ from . import metrics
 from .embed import (EmbeddingError, Embeddings, auto_norm_stats, file_sha256, logmel_embeddings, model_embeddings,
                     parse_layers)
 from .probe import ProbeResult, Split, probe
+from .report import pct
 from .tasks import SPLITS, Task
 
 log = logging.getLogger(__name__)
@@ -334,12 +335,8 @@ def evaluate_weights(weights: str | Path, task: Task, output_dir: str | Path | N
     report['output_dir'] = str(out)
     write_report(report, out, task, emb, figures=opts.figures)
     log.info('%s on %s: %s %s (log-mel %s, random %s) -> %s', name, task.name, report['metric'],
-             _fmt(report['model']), _fmt(report.get('logmel')), _fmt(report.get('random')), out / 'report.json')
+             pct(report['model']), pct(report.get('logmel')), pct(report.get('random')), out / 'report.json')
     return report
-
-
-def _fmt(entry: dict | None) -> str:
-    return '-' if not entry else f'{100 * entry["mean"]:.2f} ± {100 * entry["std"]:.2f} %'
 
 
 def write_report(report: dict, out: Path, task: Task, emb: Embeddings, figures: bool = True) -> Path:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from ..data.stats import merge_moments
 from . import SuperbError
 from .tasks import Task, get_task
 
@@ -59,7 +60,7 @@ class Moments:
 
     @classmethod
     def of(cls, values: torch.Tensor | np.ndarray) -> 'Moments':
-        x = torch.as_tensor(values).detach().reshape(-1).to('cpu', torch.float64)
+        x = torch.as_tensor(values).detach().reshape(-1).to(torch.float64)  # reduced where it is
         if x.numel() == 0:
             return cls()
         mean = float(x.mean())
@@ -67,13 +68,9 @@ class Moments:
 
     def merge(self, other: 'Moments') -> 'Moments':
         """Add `other` into self (returns self)."""
-        if other.count == 0:
-            return self
-        total = self.count + other.count
-        delta = other.mean - self.mean
-        self.mean += delta * other.count / total
-        self.m2 += other.m2 + delta * delta * self.count * other.count / total
-        self.count = total
+        if other.count:
+            self.count, self.mean, self.m2 = merge_moments((self.count, self.mean, self.m2),
+                                                           (other.count, other.mean, other.m2))
         return self
 
     @property

@@ -131,7 +131,7 @@ def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, param
     total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
     norm = float(total)
     if math.isfinite(norm):
-        if clip_grad > 0 and float(clip_grad / (total + 1e-6)) < 1.0:  # the coefficient clip_grad_norm_ uses
+        if clip_grad > 0 and clip_grad / (norm + 1e-6) < 1.0:  # the coefficient clip_grad_norm_ uses
             torch.nn.utils.clip_grads_with_norm_(params, clip_grad, total, foreach=True)
         optimizer.step()
         model.update_target(decay)

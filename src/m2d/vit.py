@@ -146,27 +146,35 @@ def low_precision(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         register_optimizer_step_post_hook(_next_generation)
         _HOOKED = True
     hit = _SHADOWS.get(param)
-    with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in and out of inference mode
-        if hit is not None and hit[0] != _key(param) and hit[1].shape == param.shape:
-            _refresh_stale()
-            hit = _SHADOWS[param]
-        if hit is None or hit[1].dtype != dtype or hit[1].shape != param.shape:
-            hit = (_key(param), param.detach().to(dtype))
-            _SHADOWS[param] = hit
+    stale = hit is not None and hit[0] != _key(param) and hit[1].shape == param.shape
+    if stale or hit is None or hit[1].dtype != dtype or hit[1].shape != param.shape:  # a cache hit skips this
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in and out of inference mode
+            if stale:
+                _refresh_stale()
+                hit = _SHADOWS[param]
+            if hit is None or hit[1].dtype != dtype or hit[1].shape != param.shape:
+                hit = (_key(param), param.detach().to(dtype))
+                _SHADOWS[param] = hit
     if param.requires_grad and torch.is_grad_enabled():
         return _FromShadow.apply(param, hit[1])
     return hit[1]
+
+
+def _low_precision_params(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of `layer` as cached low-precision copies when `x` runs under autocast to another
+    dtype; None when the layer should run as it is."""
+    dtype = autocast_dtype(x)
+    if dtype is None or dtype == layer.weight.dtype or not layer.weight.is_floating_point():
+        return None
+    return low_precision(layer.weight, dtype), None if layer.bias is None else low_precision(layer.bias, dtype)
 
 
 class Linear(nn.Linear):
     """`nn.Linear` that runs on cached low-precision weights under autocast (`low_precision`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = autocast_dtype(x)
-        if dtype is None or dtype == self.weight.dtype or not self.weight.is_floating_point():
-            return F.linear(x, self.weight, self.bias)
-        bias = None if self.bias is None else low_precision(self.bias, dtype)
-        return F.linear(x, low_precision(self.weight, dtype), bias)
+        params = _low_precision_params(self, x)
+        return F.linear(x, self.weight, self.bias) if params is None else F.linear(x, *params)
 
 
 class PatchEmbed(nn.Module):
@@ -178,13 +186,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        proj = self.proj
-        dtype = autocast_dtype(x)
-        if dtype is None or dtype == proj.weight.dtype:
-            x = proj(x)
-        else:
-            bias = None if proj.bias is None else low_precision(proj.bias, dtype)
-            x = F.conv2d(x, low_precision(proj.weight, dtype), bias, proj.stride)
+        params = _low_precision_params(self.proj, x)
+        x = self.proj(x) if params is None else F.conv2d(x, *params, self.proj.stride)
         return x.flatten(2).transpose(1, 2)  # [B, D, Fp, Tp] -> [B, Fp*Tp, D]
 
 

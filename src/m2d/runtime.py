@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .audio import LogMelSpectrogram, preset
 from .checkpoint import Checkpoint, load_checkpoint
+from .errors import M2DError
 from .vit import ViTEncoder
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,21 @@ def _linear_stack(state: dict[str, torch.Tensor], prefix: str) -> nn.Module | No
         lin.load_state_dict({k.split('.')[-1]: v for k, v in state.items() if k.startswith(f'{prefix}.{i}.')})
         layers.append(lin)
     return nn.Sequential(*layers)
+
+
+class DeviceError(M2DError, ValueError):
+    """A ``--device`` value that names no usable torch device."""
+
+
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """A torch device from ``--device`` (default: cuda when available, else cpu); DeviceError when unusable."""
+    try:
+        device = torch.device(spec or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise DeviceError(f'--device {spec!r}: not a torch device (e.g. cpu, cuda, cuda:1)') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise DeviceError(f'--device {spec}: CUDA is not available on this machine')
+    return device
 
 
 class RuntimeM2D(nn.Module):

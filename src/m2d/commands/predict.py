@@ -37,10 +37,9 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    import torch
-
     from ..audio import find_audio_files
     from ..evaluate.predict import load_classifier, predict_files
+    from ..runtime import resolve_device
 
     if args.top < 1:
         raise CommandError(f'--top {args.top}: must be at least 1')
@@ -59,11 +58,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             files.append(p)
     clf = load_classifier(args.weights, multilabel=True if args.multilabel else None, trust=args.trust)
-    try:
-        device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    except RuntimeError:
-        raise CommandError(f'--device {args.device!r}: not a torch device (e.g. cpu, cuda, cuda:1)') from None
-    results = predict_files(clf, files, top=args.top, unit_sec=args.unit_sec, device=device)
+    results = predict_files(clf, files, top=args.top, unit_sec=args.unit_sec, device=resolve_device(args.device))
     if args.json:
         print(json.dumps(results, indent=1))
         return 0

@@ -56,7 +56,7 @@ from ..checkpoint import Checkpoint, ModelName, load_checkpoint, save_checkpoint
 from ..errors import M2DError
 from ..fileio import atomic_path
 from ..masking import gather_tokens, structured_mask
-from ..runtime import RuntimeM2D
+from ..runtime import RuntimeM2D, resolve_device
 from ..vit import WIDTHS
 from . import metrics
 from .augment import mixup, random_resize_crop, spec_mask
@@ -389,16 +389,6 @@ def learning_rate(epoch: float, lr: float, warmup_epochs: float, epochs: float, 
 # the run
 
 
-def _device(spec: str | None) -> torch.device:
-    try:
-        device = torch.device(spec or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    except RuntimeError:
-        raise FinetuneError(f'--device {spec!r}: not a torch device (e.g. cpu, cuda, cuda:1)') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise FinetuneError(f'--device {spec}: CUDA is not available on this machine')
-    return device
-
-
 def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -500,7 +490,7 @@ def finetune(weights: str | Path, task: Task, output_dir: str | Path | None = No
     except TypeError as e:
         raise FinetuneError(f'finetune(): {e}') from None
     s.check()
-    device = _device(s.device)
+    device = resolve_device(s.device)
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(weights, task)
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)

@@ -189,18 +189,6 @@ def convergence_note(name: str, entry: dict[str, Any], opts: LinearOptions) -> s
 _BASELINE_MEMO: dict[str, tuple[dict, float, float, bool]] = {}  # same baseline, same task, same options
 
 
-def _resolve_device(device: str | None) -> str:
-    if device is None:
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise M2DError(f'--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)') from None
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise M2DError(f'--device {device}: CUDA is not available on this machine')
-    return str(dev)
-
-
 def _norm_stats(opts: LinearOptions, runtime, task: Task) -> tuple[tuple[float, float], str]:
     if opts.norm_stats is None:
         return tuple(float(v) for v in runtime.norm_stats.tolist()), 'weights'
@@ -223,12 +211,12 @@ def evaluate_weights(weights: str | Path, task: Task, output_dir: str | Path | N
     """Linear evaluation of one weight file on `task`; writes and returns the report."""
     from .. import hub
     from ..checkpoint import load_checkpoint
-    from ..runtime import RuntimeM2D
+    from ..runtime import RuntimeM2D, resolve_device
     from .baselines import random_identity, random_runtime
 
     t_start = time.perf_counter()
     timings: dict[str, Any] = {}
-    device = _resolve_device(opts.device)
+    device = str(resolve_device(opts.device))
     path = hub.weights_path(weights)
     t0 = time.perf_counter()
     ckpt = load_checkpoint(path, trust=opts.trust)

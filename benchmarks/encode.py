@@ -10,7 +10,7 @@ is reported next to the bf16/fp32 peak ratio of the same run, with the load aver
 processes on the machine skew the figures).
 
     python benchmarks/encode.py --profile            # adds a table of where the time goes
-    python benchmarks/encode.py --keep_freed_memory  # glibc malloc keeps freed blocks (see profiling.py)
+    python benchmarks/encode.py --keep_freed_memory  # glibc malloc keeps freed blocks (see src/m2d/malloc.py)
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from m2d.checkpoint import load_checkpoint
 from m2d.fileio import atomic_path
 from m2d.vit import ViTConfig
 
-from profiling import keep_freed_memory, malloc_env, profile_table
+from m2d.malloc import keep_freed_memory, malloc_env
+from profiling import profile_table
 
 log = logging.getLogger('benchmarks.encode')
 FIXTURES = Path(__file__).resolve().parents[1].parent / 'shared' / 'fixtures'
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s choice)')
     p.add_argument('--profile', action='store_true', help='also profile 2 encodes per precision (where the time goes)')
     p.add_argument('--keep_freed_memory', action='store_true',
-                   help='let glibc malloc keep freed memory (fewer page faults; see benchmarks/profiling.py)')
+                   help='let glibc malloc keep freed memory (fewer page faults; see src/m2d/malloc.py)')
     p.add_argument('--json', help='also write the report to this JSON file')
     args = p.parse_args(argv)
     if args.keep_freed_memory:

@@ -45,7 +45,8 @@ from m2d.models import create_model
 from m2d.train.config import TrainConfig
 from m2d.train.loop import apply_update, make_optimizer
 
-from profiling import keep_freed_memory, malloc_env, profile_table
+from m2d.malloc import keep_freed_memory, malloc_env
+from profiling import profile_table
 
 log = logging.getLogger('benchmarks.pretrain')
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--compile', action='store_true', help='torch.compile the encoder, target and decoder blocks')
     p.add_argument('--profile', action='store_true', help='also profile 2 steps per precision: where the time goes')
     p.add_argument('--keep_freed_memory', action='store_true',
-                   help='let glibc malloc keep freed memory (fewer page faults; see benchmarks/profiling.py)')
+                   help='let glibc malloc keep freed memory (fewer page faults; see src/m2d/malloc.py)')
     p.add_argument('--json', default=None, help='also write the result here')
     args = p.parse_args(argv)
     if args.keep_freed_memory:

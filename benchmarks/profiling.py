@@ -9,9 +9,7 @@ host side only (launches), so it says where the CPU waits, not where the GPU wor
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import time
 from collections import defaultdict
 from typing import Callable
@@ -19,29 +17,6 @@ from typing import Callable
 from torch.profiler import ProfilerActivity, profile
 
 log = logging.getLogger(__name__)
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to reuse freed memory instead of returning it to the system at once.
-
-    PyTorch on CPU allocates with malloc; blocks of a few MB (weights cast to bfloat16, gradients,
-    activations) are by default mapped fresh and unmapped on free, so every step pays page faults
-    to touch them again. The same as starting Python with ``MALLOC_MMAP_THRESHOLD_=1073741824
-    MALLOC_TRIM_THRESHOLD_=2147483647``. Returns False where it does not apply (not glibc).
-    """
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
-    except (OSError, AttributeError) as e:
-        log.warning('keep_freed_memory: mallopt unavailable (%s)', e)
-        return False
-
-
-def malloc_env() -> dict[str, str]:
-    """The glibc malloc settings given in the environment (they change the CPU figures)."""
-    return {k: v for k, v in os.environ.items() if k.startswith('MALLOC_')}
 
 
 def _phase_of(name: str) -> str | None:
@@ -56,7 +31,8 @@ def _phase_of(name: str) -> str | None:
 # (category, operator names); checked in order, first match wins
 CATEGORIES = [
     ('matmul (linear layers)', ('aten::mm', 'aten::addmm', 'aten::matmul', 'aten::linear', 'aten::addmv',
-                                'aten::_addmm_activation')),
+                                'aten::_addmm_activation',
+                                'mkldnn::_linear_pointwise')),  # packed weights; includes the fused GELU
     ('attention (bmm, softmax, fused kernels)', ('aten::bmm', 'aten::baddbmm', 'aten::_softmax',
                                                  'aten::_softmax_backward_data', 'aten::softmax',
                                                  'aten::_scaled_dot_product_flash_attention_for_cpu',

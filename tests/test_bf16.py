@@ -138,3 +138,56 @@ def test_compile_blocks_runs_and_matches():
     torch.testing.assert_close(pred_c, pred)
     for name, g in grads.items():
         torch.testing.assert_close(grads_c[name], g, rtol=1e-3, atol=1e-5)
+
+
+# ----- oneDNN-packed weights (bfloat16 inference on CPU) -------------------------------------
+
+
+def _packed_layers():
+    torch.manual_seed(0)
+    mlp = vit.Mlp(64, 256).to(torch.bfloat16)
+    assert vit.pack_weights(mlp) == 2
+    return mlp, torch.randn(3, 10, 64).to(torch.bfloat16)
+
+
+def test_packed_linear_equals_f_linear_and_repacks_after_updates():
+    mlp, x = _packed_layers()
+    fc = mlp.fc2
+    h = torch.randn(3, 10, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        y = fc(h)
+        if fc._packed is None:
+            pytest.skip('oneDNN packed linear layers are not available on this CPU')
+        assert torch.equal(y, torch.nn.functional.linear(h, fc.weight, fc.bias))  # bit for bit
+        first = fc._packed[1]
+        fc.weight.mul_(-2.0)  # an in-place change: the next call packs again
+        assert torch.equal(fc(h), torch.nn.functional.linear(h, fc.weight, fc.bias))
+        assert fc._packed[1] is not first
+    # with a gradient to take, the layer runs F.linear (the packed weight has no autograd)
+    y = fc(h)
+    y.float().sum().backward()
+    assert fc.weight.grad is not None and fc.weight.grad.abs().sum() > 0
+
+
+def test_packed_mlp_fuses_gelu_at_least_as_accurately():
+    mlp, x = _packed_layers()
+    with torch.no_grad():
+        fused = mlp(x)
+        if mlp.fc1._packed is None:
+            pytest.skip('oneDNN packed linear layers are not available on this CPU')
+        vit.pack_weights(mlp, False)
+        plain = mlp(x)
+        assert mlp.fc1._packed is None
+        exact = mlp.float()(x.float())  # the same weights in float32
+    err_fused, err_plain = (fused.float() - exact).abs().mean(), (plain.float() - exact).abs().mean()
+    assert not torch.equal(fused, plain)  # GELU ran on the float32 accumulator: one rounding less
+    assert err_fused <= err_plain * 1.05, (err_fused, err_plain)
+
+
+def test_runtime_bf16_packs_its_linear_layers(m2d_base_ckpt):
+    from m2d import RuntimeM2D
+
+    rt = RuntimeM2D(m2d_base_ckpt, bf16=True)
+    layers = [m for m in rt.backbone.modules() if isinstance(m, vit.Linear)]
+    assert len(layers) == 12 * 4 and all(m.pack for m in layers)
+    assert not any(m.pack for m in RuntimeM2D(m2d_base_ckpt).backbone.modules() if isinstance(m, vit.Linear))

@@ -227,6 +227,45 @@ def test_init_msm_mae_and_structured_masks(trained, lms_csv, tmp_path):
         assert res.step == 1 and math.isfinite(res.loss)
 
 
+def test_compile_option_trains_the_same_weights(lms_csv, tmp_path):
+    """``--compile eager`` captures every block with torch.compile (no code generation, so it runs in
+    seconds on a CPU) and trains to the weights of the uncompiled run."""
+    from m2d.train import train
+    from m2d.train.config import TrainConfig
+
+    kw = dict(model='m2d_vit_tiny', depth=2, decoder_depth=1, decoder_embed_dim=128, decoder_num_heads=4,
+              input_size='80x208', min_ds_size=0, feature_eval_freq=0, csv_main=str(lms_csv), batch_size=4,
+              epochs=1, max_steps=2, norm_stats='-2.2,4.7', num_workers=0, device='cpu')
+    plain = load_ckpt(train(TrainConfig(**kw, output_dir=str(tmp_path / 'plain'))).checkpoint)['model']
+    compiled = load_ckpt(train(TrainConfig(**kw, compile='eager', output_dir=str(tmp_path / 'compiled'))).checkpoint)
+    assert compiled['step'] == 2 and compiled['args'].compile == 'eager'
+    assert set(compiled['model']) == set(plain)  # compiling renames no state-dict key
+    for k, v in plain.items():
+        torch.testing.assert_close(compiled['model'][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    one = load_ckpt(train(TrainConfig(**{**kw, 'max_steps': 1}, output_dir=str(tmp_path / 'one'))).checkpoint)
+    assert not torch.equal(one['model']['blocks.0.mlp.fc1.weight'], plain['blocks.0.mlp.fc1.weight'])  # step 2 moved
+
+
+def test_compile_and_malloc_options_parse():
+    from m2d.commands import pretrain
+    from m2d.malloc import keep_freed_memory
+    from m2d.train.config import ConfigError, TrainConfig, compile_options, config_from_args
+
+    parser = argparse.ArgumentParser()
+    pretrain.add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(['--compile']))
+    assert cfg.compile == 'default' and cfg.keep_freed_memory
+    cfg = config_from_args(parser.parse_args(['--compile', 'reduce-overhead', '--no-keep-freed-memory']))
+    assert cfg.compile == 'reduce-overhead' and not cfg.keep_freed_memory
+    assert compile_options('eager') == {'backend': 'eager'} and compile_options('max-autotune') == {'mode': 'max-autotune'}
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--compile', 'fastest'])
+    with pytest.raises(ConfigError, match='--compile must be one of'):
+        TrainConfig(compile='fastest').check()
+    if os.path.exists('/lib/x86_64-linux-gnu/libc.so.6') or os.path.exists('/lib64/libc.so.6'):
+        assert keep_freed_memory()  # glibc accepts the mallopt settings
+
+
 @pytest.mark.parametrize('bad, message', [
     (['--csv_main', 'missing.csv'], 'missing.csv: no such'),
     (['--model', 'm2d_vit_huge'], "--model 'm2d_vit_huge'"),

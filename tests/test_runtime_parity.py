@@ -10,7 +10,7 @@ from conftest import REFERENCE, need
 from m2d import RuntimeM2D
 from m2d.checkpoint import load_checkpoint
 
-LMS_TOL, FEAT_TOL, BF16_COS = 1e-3, 2e-3, 0.99
+LMS_TOL, FEAT_TOL, BF16_COS = 1e-3, 2e-3, 0.9998  # bf16: measured min cosine 0.99993 (packed weights)
 
 
 def max_diff(a: torch.Tensor, b: np.ndarray) -> float:

@@ -11,7 +11,7 @@ import torch.nn as nn
 from .audio import LogMelSpectrogram, preset
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import M2DError
-from .vit import ViTEncoder
+from .vit import ViTEncoder, pack_weights
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,10 @@ class RuntimeM2D(nn.Module):
         num_classes: build the EVAR classification head (weights taken from a fine-tuned file).
         bf16: encode in bfloat16 (CPUs with avx512_bf16/AMX, GPUs): the encoder weights are cast
             once to bfloat16 and activations run in bfloat16 (the kernels accumulate LayerNorm,
-            softmax and matmuls in float32); features come back as float32. An inference mode:
-            for training in mixed precision, keep float32 weights and use ``torch.autocast``.
+            softmax and matmuls in float32); features come back as float32. On CPU the linear
+            layers run on oneDNN-packed weights with GELU fused into the MLP (`vit.pack_weights`)
+            while no gradient is taken. An inference mode: for training in mixed precision, keep
+            float32 weights and use ``torch.autocast``.
         trust: allow pickles that need more than tensors (runs code from the file).
     """
 
@@ -89,6 +91,7 @@ class RuntimeM2D(nn.Module):
             # Cast once. Autocast would re-cast every weight on every call under torch.inference_mode
             # (its cast cache is off there), which made bf16 slower than float32 on CPU.
             self.backbone.to(torch.bfloat16)
+            pack_weights(self.backbone)
         self.register_buffer('norm_stats', torch.tensor(ckpt.norm_stats, dtype=torch.float32))
         self.to_spec = LogMelSpectrogram(preset(ckpt.sample_rate))
 

@@ -7,10 +7,17 @@ Mixed precision: under ``torch.autocast(..., dtype=torch.bfloat16)`` the linear 
 patch embedding use cached bfloat16 copies of their float32 weights (`low_precision`), refreshed
 once after each optimizer step instead of cast on every call; the numbers are those of autocast's
 own casts. Float32 runs do not touch this code.
+
+bfloat16 inference on CPU: `pack_weights` gives the linear layers of a bfloat16 model weights
+reordered once into oneDNN's blocked layout (what ``torch.compile`` does with frozen weights), used
+whenever no gradient is taken; the MLP's first layer then applies GELU inside the matmul, on the
+float32 accumulator. Outputs are those of ``F.linear`` (bit for bit); the fused GELU rounds once
+instead of twice.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
+
+log = logging.getLogger(__name__)
 
 LAYER_NORM_EPS = 1e-6
 
@@ -169,12 +178,65 @@ def _low_precision_params(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
     return low_precision(layer.weight, dtype), None if layer.bias is None else low_precision(layer.bias, dtype)
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` that runs on cached low-precision weights under autocast (`low_precision`)."""
+# ---------------------------------------------------------------------------------------------
+# oneDNN-packed bfloat16 weights for CPU inference
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+_ONEDNN_OK = hasattr(torch.ops.mkldnn, '_linear_pointwise') and torch.backends.mkldnn.is_available()
+
+
+def _disable_onednn(e: Exception) -> None:
+    global _ONEDNN_OK
+    _ONEDNN_OK = False
+    log.warning('oneDNN packed linear layers unavailable (%s); using F.linear', e)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that runs on cached low-precision weights under autocast (`low_precision`), and
+    on oneDNN-packed weights for bfloat16 inference on CPU once `pack_weights` enabled it."""
+
+    pack = False  # set per layer by `pack_weights`
+    _packed: tuple[tuple[int, int], torch.Tensor] | None = None  # ((version, data_ptr), packed weight)
+
+    def packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The oneDNN-packed weight when `x` may use it: packing on, bfloat16 on CPU, no gradient
+        taken; repacked after the weight changed."""
+        w = self.weight
+        if not (self.pack and _ONEDNN_OK and x.device.type == 'cpu' and not torch.compiler.is_compiling() and x.dtype == w.dtype == torch.bfloat16) \
+                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
+            return None
+        key = (w._version, w.data_ptr())
+        if self._packed is None or self._packed[0] != key:
+            try:
+                self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
+            except RuntimeError as e:
+                _disable_onednn(e)
+                return None
+        return self._packed[1]
+
+    def forward(self, x: torch.Tensor, activation: str = 'none') -> torch.Tensor:
+        """``F.linear`` of `x`, followed by ``activation`` ('none' or 'gelu')."""
+        packed = self.packed_weight(x)
+        if packed is not None:
+            try:
+                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, activation, [],
+                                                          'none' if activation == 'gelu' else '')
+            except RuntimeError as e:  # this layer runs F.linear from now on (which names a bad input)
+                log.warning('packed %s failed (%s); using F.linear', self, e)
+                self.pack, self._packed = False, None
         params = _low_precision_params(self, x)
-        return F.linear(x, self.weight, self.bias) if params is None else F.linear(x, *params)
+        y = F.linear(x, self.weight, self.bias) if params is None else F.linear(x, *params)
+        return F.gelu(y) if activation == 'gelu' else y
+
+
+def pack_weights(module: nn.Module, enabled: bool = True) -> int:
+    """Let every `Linear` of `module` run on oneDNN-packed weights for bfloat16 inference on CPU
+    (packed on first use; about 1.2x the matmul speed of ``F.linear`` at ViT-Base sizes). Costs
+    a second copy of the weights. Returns the number of layers switched."""
+    layers = [m for m in module.modules() if isinstance(m, Linear)]
+    for m in layers:
+        m.pack = enabled
+        m._packed = None
+    return len(layers)
 
 
 class PatchEmbed(nn.Module):
@@ -227,6 +289,8 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fc1.packed_weight(x) is not None:  # GELU inside the packed matmul
+            return self.fc2(self.fc1(x, activation='gelu'))
         return self.fc2(F.gelu(self.fc1(x)))
 
 

@@ -69,6 +69,8 @@ class TrainConfig:
     ema_decay_init: float = 0.99995
     ema_decay: float = 0.99999
     bf16: bool = False
+    compile: str = ''
+    keep_freed_memory: bool = True
     optim: str = 'adamw'
     max_steps: int = 0
     stop_at: int = 0
@@ -226,6 +228,8 @@ class TrainConfig:
                              f'got --model {self.model}')
         if self.family == 'm2d_x' and self.loss_off and not self.teacher:
             raise ConfigError('--model m2d_x_* with --loss_off > 0 needs --teacher WEIGHTS')
+        if self.compile and self.compile not in COMPILE_MODES:
+            raise ConfigError(f'--compile must be one of {", ".join(COMPILE_MODES)}, got {self.compile!r}')
         if self.optim not in ('adamw', 'sgd'):
             raise ConfigError(f'--optim must be adamw or sgd, got {self.optim!r}')
         if self.save_freq < 1 or min(self.feature_eval_freq, self.save_freq_steps, self.max_steps, self.eval_every) < 0:
@@ -326,6 +330,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt(g, 'ema_decay_init', 'EMA decay at step 0')
     opt(g, 'ema_decay', 'EMA decay at the last step')
     g.add_argument('--bf16', action='store_true', help='bfloat16 autocast (CPU and GPU)')
+    g.add_argument('--compile', nargs='?', const='default', default='', choices=COMPILE_MODES, metavar='MODE',
+                   help='torch.compile every transformer block (GPUs; minutes to compile on a CPU). MODE: '
+                        f'{", ".join(COMPILE_MODES)} (default when given without a value: default; eager only '
+                        'captures the graphs, to check that they compile)')
+    g.add_argument(*_flags('no_keep_freed_memory'), dest='keep_freed_memory', action='store_false',
+                   help='on CPU, let malloc return freed memory to the system at once (by default it is kept '
+                        'for reuse: fewer page faults per step, see m2d.malloc)')
     opt(g, 'optim', 'adamw (betas 0.9, 0.95) or sgd (momentum 0.9, no weight decay), as the reference',
         choices=('adamw', 'sgd'))
     opt(g, 'max_steps', 'stop after this many loader iterations (0: run all epochs)')
@@ -371,6 +382,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in dict.fromkeys(f for n in IGNORED_OPTIONS for f in _flags(n)):
         g.add_argument(name, default=None, nargs='?', const=True, metavar='X', help=argparse.SUPPRESS)
     g.add_argument(*_flags('no_pin_mem'), dest='pin_mem', action='store_const', const=False, help=argparse.SUPPRESS)
+
+
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs', 'eager')
+
+
+def compile_options(mode: str) -> dict:
+    """Keywords of ``torch.compile`` for a ``--compile`` MODE ('eager': the eager backend, no code generation)."""
+    return {'backend': 'eager'} if mode == 'eager' else {'mode': mode}
 
 
 # options of the reference train_audio.py that have no effect here (accepted so old command lines run)

@@ -28,11 +28,12 @@ from ..data.datasets import LMSDataset, compute_norm_stats
 from ..data.filelist import DataError
 from ..data.speech import build_speech_dataset
 from ..errors import M2DError
+from ..malloc import keep_freed_memory
 from ..masking import make_mask
 from ..models import create_model
 from ..optim import param_groups
 from . import distributed, seeding, state
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, compile_options
 from .evaluation import LINEAR_EVAL, CheckpointEvaluator
 from .monitor import Monitor, RunLog, encoder_effective_rank
 from .schedule import base_to_absolute_lr, ema_decay, learning_rate
@@ -261,6 +262,8 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
     device = env.device
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest patch-embedding conv
+    elif opts.keep_freed_memory and keep_freed_memory():
+        log.debug('malloc keeps freed memory for reuse (--no_keep_freed_memory to turn off)')
     out_dir = Path(distributed.broadcast_object(str(opts.resolve_output_dir()), env))
     resume_path, ckpt = state.open_resume(opts.resume, out_dir)
     if opts.init and ckpt is not None:
@@ -288,6 +291,9 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
                                                 eff_batch)
     del ckpt
     step = start_epoch * iters_per_epoch + start_iter
+    if opts.compile:
+        raw_model.compile_blocks(**compile_options(opts.compile))
+        log.info('--compile %s: the transformer blocks compile on their first call', opts.compile)
     model = raw_model
     if env.distributed:
         model = DDP(raw_model, device_ids=[device.index] if device.type == 'cuda' else None,

@@ -246,6 +246,38 @@ def test_compile_option_trains_the_same_weights(lms_csv, tmp_path):
     assert not torch.equal(one['model']['blocks.0.mlp.fc1.weight'], plain['blocks.0.mlp.fc1.weight'])  # step 2 moved
 
 
+def test_background_checkpoint_writes_equal_sync_ones(lms_csv, tmp_path, monkeypatch):
+    """``--checkpoint_writes background`` writes from a snapshot taken at the same point of the run:
+    every file holds the same weights, optimizer state and step as with synchronous writes."""
+    from m2d.train import state, train
+    from m2d.train.config import TrainConfig
+
+    kw = dict(model='m2d_vit_tiny', depth=2, decoder_depth=1, decoder_embed_dim=128, decoder_num_heads=4,
+              input_size='80x208', min_ds_size=0, feature_eval_freq=0, csv_main=str(lms_csv), batch_size=8,
+              epochs=2, save_freq=1, save_freq_steps=2, norm_stats='-2.2,4.7', num_workers=0, device='cpu')
+    runs = {}
+    for mode in ('sync', 'background'):
+        res = train(TrainConfig(**kw, checkpoint_writes=mode, output_dir=str(tmp_path / mode)))
+        assert res.checkpoint == tmp_path / mode / 'checkpoint-2.pth' and res.step == 12
+        runs[mode] = {p.name: load_ckpt(p) for p in sorted((tmp_path / mode).glob('checkpoint-*.pth'))}
+    assert list(runs['sync']) == list(runs['background']) == ['checkpoint-1.pth', 'checkpoint-2.pth',
+                                                              'checkpoint-last.pth']
+    for name, a in runs['sync'].items():
+        b = runs['background'][name]
+        assert (a['step'], a['epoch'], a['iter_in_epoch']) == (b['step'], b['epoch'], b['iter_in_epoch'])
+        assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model']), name
+        sa, sb = a['optimizer']['state'], b['optimizer']['state']
+        assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i]), name
+
+    # a write that fails in the thread stops the run with its error
+    def failing_write(ckpt, out_dir, name):
+        raise OSError(f'{out_dir / name}: No space left on device')
+
+    monkeypatch.setattr(state, 'write', failing_write)
+    with pytest.raises(OSError, match='No space left on device'):
+        train(TrainConfig(**kw, checkpoint_writes='background', output_dir=str(tmp_path / 'full')))
+
+
 def test_compile_and_malloc_options_parse():
     from m2d.commands import pretrain
     from m2d.malloc import keep_freed_memory
@@ -254,7 +286,7 @@ def test_compile_and_malloc_options_parse():
     parser = argparse.ArgumentParser()
     pretrain.add_arguments(parser)
     cfg = config_from_args(parser.parse_args(['--compile']))
-    assert cfg.compile == 'default' and cfg.keep_freed_memory
+    assert cfg.compile == 'default' and cfg.keep_freed_memory and cfg.checkpoint_writes == 'sync'
     cfg = config_from_args(parser.parse_args(['--compile', 'reduce-overhead', '--no-keep-freed-memory']))
     assert cfg.compile == 'reduce-overhead' and not cfg.keep_freed_memory
     assert compile_options('eager') == {'backend': 'eager'} and compile_options('max-autotune') == {'mode': 'max-autotune'}

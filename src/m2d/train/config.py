@@ -91,6 +91,7 @@ class TrainConfig:
     init: str = ''
     save_freq: int = 100
     save_freq_steps: int = 0
+    checkpoint_writes: str = 'sync'
     feature_eval_freq: int = 10
     feature_eval_samples: int = 1000
     log_every: int = 20
@@ -230,6 +231,8 @@ class TrainConfig:
             raise ConfigError('--model m2d_x_* with --loss_off > 0 needs --teacher WEIGHTS')
         if self.compile and self.compile not in COMPILE_MODES:
             raise ConfigError(f'--compile must be one of {", ".join(COMPILE_MODES)}, got {self.compile!r}')
+        if self.checkpoint_writes not in CHECKPOINT_WRITES:
+            raise ConfigError(f'--checkpoint_writes must be sync or background, got {self.checkpoint_writes!r}')
         if self.optim not in ('adamw', 'sgd'):
             raise ConfigError(f'--optim must be adamw or sgd, got {self.optim!r}')
         if self.save_freq < 1 or min(self.feature_eval_freq, self.save_freq_steps, self.max_steps, self.eval_every) < 0:
@@ -363,6 +366,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt(g, 'save_freq', 'write checkpoint-EPOCH.pth every N epochs (and at the end)')
     opt(g, 'save_freq_steps', 'also write checkpoint-last.pth mid-epoch every N loader iterations (at an '
         'optimizer step; use a multiple of --accum_iter; 0: off)')
+    opt(g, 'checkpoint_writes', 'sync: the step waits while a checkpoint is written; background: the step waits '
+        'only for a copy of the state in host memory while a thread writes the file (meant for GPUs; on a CPU '
+        'the writer competes with the step)', choices=CHECKPOINT_WRITES)
     opt(g, 'feature_eval_freq', 'effective rank (RankMe) of encoder features every N epochs, 0 = off')
     opt(g, 'feature_eval_samples', 'samples of the fixed effective-rank sample')
     opt(g, 'log_every', 'console and log.jsonl every N steps')
@@ -384,6 +390,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(*_flags('no_pin_mem'), dest='pin_mem', action='store_const', const=False, help=argparse.SUPPRESS)
 
 
+CHECKPOINT_WRITES = ('sync', 'background')
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs', 'eager')
 
 

@@ -310,7 +310,8 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
     args = opts.to_namespace(norm_stats=list(norm_stats), lr=lr, eff_batch_size=eff_batch, world_size=env.world_size,
                              kind=opts.kind, off_emb_dim=model_kw.get('off_emb_dim'))
     checkpoints = state.Checkpointer(out_dir, raw_model, optimizer, scaler, args, iters_per_epoch, eff_batch,
-                                     enabled=env.is_main, last=resume_path)
+                                     enabled=env.is_main, last=resume_path,
+                                     background=opts.checkpoint_writes == 'background')
     monitor = Monitor(out_dir, enabled=env.is_main, log_every=opts.log_every, total_steps=total_steps,
                       samples_per_step=opts.batch_size * env.world_size, tensorboard_dir=opts.log_dir or None)
     if resume_path is not None:
@@ -381,13 +382,17 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
             if opts.saves_epoch(epoch_done) or stop:
                 path = checkpoints.save_epoch(epoch_done, step)
                 if opts.evaluates_epoch(epoch_done) and not stop and epoch_done < opts.epochs:
+                    checkpoints.wait()  # the file is complete before linear-eval reads it
                     evaluator.submit(path, epoch_done, step)  # the last checkpoint: the final evaluation below
             monitor.write_all(r.record() for r in evaluator.poll())
 
         monitor.write_all(r.record() for r in evaluator.finish(checkpoints.last, math.ceil(epoch_pos), step))
     finally:
-        evaluator.close()
-        monitor.close()
+        try:
+            checkpoints.close()  # a background write finishes (or its error is raised) before the run ends
+        finally:
+            evaluator.close()
+            monitor.close()
     log.info('done: %d steps, epoch %.2f, last loss %s; checkpoint %s', step, epoch_pos,
              f'{loss_value:.4f}' if loss_value is not None else '-', checkpoints.last)
     return TrainResult(output_dir=out_dir, checkpoint=checkpoints.last, step=step, epoch=epoch_pos, loss=loss_value,

@@ -7,7 +7,9 @@ numbers, strings and a Namespace, so ``torch.load(weights_only=True)`` with Name
 reads them, and `m2d.RuntimeM2D` loads them directly (the folder name gives the geometry).
 ``epoch`` counts completed epochs (as the reference); ``iter_in_epoch`` > 0 marks a mid-epoch state.
 
-`Checkpointer` writes them (rank 0); `open_resume` and `restore` bring a run back from one.
+`Checkpointer` writes them (rank 0), optionally in a background thread from a snapshot in host
+memory, so that the step goes on while the file is written; `open_resume` and `restore` bring a run
+back from one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -139,20 +142,42 @@ def restore(ckpt: dict[str, Any], path: Path, model: torch.nn.Module, optimizer:
     return epoch, iteration
 
 
+def snapshot(obj: Any) -> Any:
+    """A copy of `obj` (dicts, lists, tuples of tensors and plain values) whose tensors are new host
+    tensors: later in-place updates of the originals (optimizer steps) do not reach it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to('cpu', copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
 class Checkpointer:
     """Writes the checkpoints of a run (only when `enabled`: rank 0) and remembers the newest one.
 
     args: the checkpoint's ``args`` (`TrainConfig.to_namespace` plus what the run derived).
     last: the checkpoint the run resumed from, if any.
+    background: write each checkpoint in a thread from a host-memory snapshot (one write at a
+        time; the next save, `last` and `close` wait for it). The step stalls only for the copy.
     """
 
     def __init__(self, out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, args: argparse.Namespace, iters_per_epoch: int, eff_batch: int,
-                 enabled: bool = True, last: Path | None = None):
+                 enabled: bool = True, last: Path | None = None, background: bool = False):
         self.out_dir, self.model, self.optimizer, self.scaler = Path(out_dir), model, optimizer, scaler
         self.args, self.iters_per_epoch, self.eff_batch = args, iters_per_epoch, eff_batch
         self.enabled = enabled
-        self.last = last
+        self._last = last
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix='m2d-checkpoint') if background and enabled else None
+        self._pending: Future | None = None
+
+    @property
+    def last(self) -> Path | None:
+        """The newest checkpoint on disk (waits for a background write in progress)."""
+        self.wait()
+        return self._last
 
     def state(self, epoch_done: int, iter_in_epoch: int, step: int) -> dict[str, Any]:
         """The checkpoint dictionary (see the module docstring)."""
@@ -162,12 +187,32 @@ class Checkpointer:
                 'rng': rng_states()}
 
     def save(self, epoch_done: int, iter_in_epoch: int, step: int, name: str = LAST) -> Path | None:
-        """Write ``out_dir/name`` (and ``checkpoint-last.pth``); returns its path on rank 0."""
+        """Write ``out_dir/name`` (and ``checkpoint-last.pth``); returns its path on rank 0 (in the
+        background mode the file is complete once `last` or `wait` returns)."""
         if not self.enabled:
             return None
-        self.last = write(self.state(epoch_done, iter_in_epoch, step), self.out_dir, name)
-        return self.last
+        if self._writer is None:
+            self._last = write(self.state(epoch_done, iter_in_epoch, step), self.out_dir, name)
+            return self._last
+        self.wait()
+        ckpt = snapshot(self.state(epoch_done, iter_in_epoch, step))
+        self._pending = self._writer.submit(write, ckpt, self.out_dir, name)
+        return self.out_dir / name
 
     def save_epoch(self, epoch_done: int, step: int) -> Path | None:
         """``checkpoint-EPOCH.pth`` after epoch `epoch_done`."""
         return self.save(epoch_done, 0, step, f'checkpoint-{epoch_done}.pth')
+
+    def wait(self) -> None:
+        """Block until a background write is on disk; raises its error, if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._last = pending.result()
+
+    def close(self) -> None:
+        """Finish the write in progress and stop the writer thread."""
+        try:
+            self.wait()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -156,13 +157,19 @@ def test_packed_linear_equals_f_linear_and_repacks_after_updates():
     h = torch.randn(3, 10, 256).to(torch.bfloat16)
     with torch.no_grad():
         y = fc(h)
-        if fc._packed is None:
+        if fc.weight not in vit._PACKED:
             pytest.skip('oneDNN packed linear layers are not available on this CPU')
         assert torch.equal(y, torch.nn.functional.linear(h, fc.weight, fc.bias))  # bit for bit
-        first = fc._packed[1]
+        first = vit._PACKED[fc.weight][1]
         fc.weight.mul_(-2.0)  # an in-place change: the next call packs again
         assert torch.equal(fc(h), torch.nn.functional.linear(h, fc.weight, fc.bias))
-        assert fc._packed[1] is not first
+        assert vit._PACKED[fc.weight][1] is not first
+        # copies and saves of a packed model work (the packed weights live outside it) and pack anew
+        twin = copy.deepcopy(mlp)
+        assert twin.fc2.pack and torch.equal(twin.fc2(h), fc(h))
+        buffer = io.BytesIO()
+        torch.save(mlp, buffer)
+        assert buffer.tell() > 0
     # with a gradient to take, the layer runs F.linear (the packed weight has no autograd)
     y = fc(h)
     y.float().sum().backward()
@@ -173,11 +180,11 @@ def test_packed_mlp_fuses_gelu_at_least_as_accurately():
     mlp, x = _packed_layers()
     with torch.no_grad():
         fused = mlp(x)
-        if mlp.fc1._packed is None:
+        if mlp.fc1.weight not in vit._PACKED:
             pytest.skip('oneDNN packed linear layers are not available on this CPU')
         vit.pack_weights(mlp, False)
         plain = mlp(x)
-        assert mlp.fc1._packed is None
+        assert mlp.fc1.weight not in vit._PACKED
         exact = mlp.float()(x.float())  # the same weights in float32
     err_fused, err_plain = (fused.float() - exact).abs().mean(), (plain.float() - exact).abs().mean()
     assert not torch.equal(fused, plain)  # GELU ran on the float32 accumulator: one rounding less

@@ -182,6 +182,8 @@ def _low_precision_params(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
 # oneDNN-packed bfloat16 weights for CPU inference
 
 _ONEDNN_OK = hasattr(torch.ops.mkldnn, '_linear_pointwise') and torch.backends.mkldnn.is_available()
+_PACKED = WeakIdKeyDictionary()  # weight -> ((version, data_ptr), packed weight); outside the module, so
+# that deepcopy, pickling and torch.save of a model never meet oneDNN's opaque tensors
 
 
 def _disable_onednn(e: Exception) -> None:
@@ -195,7 +197,6 @@ class Linear(nn.Linear):
     on oneDNN-packed weights for bfloat16 inference on CPU once `pack_weights` enabled it."""
 
     pack = False  # set per layer by `pack_weights`
-    _packed: tuple[tuple[int, int], torch.Tensor] | None = None  # ((version, data_ptr), packed weight)
 
     def packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """The oneDNN-packed weight when `x` may use it: packing on, bfloat16 on CPU, no gradient
@@ -205,13 +206,14 @@ class Linear(nn.Linear):
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
             return None
         key = (w._version, w.data_ptr())
-        if self._packed is None or self._packed[0] != key:
+        hit = _PACKED.get(w)
+        if hit is None or hit[0] != key:
             try:
-                self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
+                hit = _PACKED[w] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
             except RuntimeError as e:
                 _disable_onednn(e)
                 return None
-        return self._packed[1]
+        return hit[1]
 
     def forward(self, x: torch.Tensor, activation: str = 'none') -> torch.Tensor:
         """``F.linear`` of `x`, followed by ``activation`` ('none' or 'gelu')."""
@@ -222,7 +224,8 @@ class Linear(nn.Linear):
                                                           'none' if activation == 'gelu' else '')
             except RuntimeError as e:  # this layer runs F.linear from now on (which names a bad input)
                 log.warning('packed %s failed (%s); using F.linear', self, e)
-                self.pack, self._packed = False, None
+                self.pack = False
+                _PACKED.pop(self.weight, None)
         params = _low_precision_params(self, x)
         y = F.linear(x, self.weight, self.bias) if params is None else F.linear(x, *params)
         return F.gelu(y) if activation == 'gelu' else y
@@ -231,11 +234,12 @@ class Linear(nn.Linear):
 def pack_weights(module: nn.Module, enabled: bool = True) -> int:
     """Let every `Linear` of `module` run on oneDNN-packed weights for bfloat16 inference on CPU
     (packed on first use; about 1.2x the matmul speed of ``F.linear`` at ViT-Base sizes). Costs
-    a second copy of the weights. Returns the number of layers switched."""
+    a second copy of the weights (kept outside the module: copies and saves of it are unaffected).
+    Returns the number of layers switched."""
     layers = [m for m in module.modules() if isinstance(m, Linear)]
     for m in layers:
         m.pack = enabled
-        m._packed = None
+        _PACKED.pop(m.weight, None)
     return len(layers)
 
 

@@ -205,3 +205,18 @@ def test_runtime_bf16_packs_its_linear_layers(m2d_base_ckpt):
     layers = [m for m in rt.backbone.modules() if isinstance(m, vit.Linear)]
     assert len(layers) == 12 * 4 and [m.pack for m in layers] == [True, False, True, False] * 12  # qkv, fc1
     assert not any(m.pack for m in RuntimeM2D(m2d_base_ckpt).backbone.modules() if isinstance(m, vit.Linear))
+
+
+def test_patch_embedding_as_matmul_equals_the_convolution():
+    torch.manual_seed(0)
+    pe = vit.PatchEmbed((16, 16), 1, 32)
+    x = torch.randn(2, 1, 80, 96)
+    conv = pe(x)  # float32: the convolution itself
+    as_matmul = pe.matmul_over_patches(x, pe.proj.weight, pe.proj.bias)
+    torch.testing.assert_close(as_matmul, conv, rtol=1e-5, atol=1e-5)  # same tokens, same order
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = pe(x)  # bf16 on CPU: the matmul path, on the cached bf16 weights
+    assert y.dtype == torch.bfloat16 and y.shape == conv.shape == (2, 5 * 6, 32)
+    torch.testing.assert_close(y.float(), conv, rtol=2e-2, atol=2e-2)
+    y.float().square().sum().backward()
+    assert pe.proj.weight.grad.dtype == torch.float32 and pe.proj.weight.grad.abs().sum() > 0

@@ -258,8 +258,23 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = _low_precision_params(self.proj, x)
+        weight, bias = params if params is not None else (self.proj.weight, self.proj.bias)
+        if weight.dtype == torch.bfloat16 and x.device.type == 'cpu':
+            return self.matmul_over_patches(x.to(weight.dtype), weight, bias)
         x = self.proj(x) if params is None else F.conv2d(x, *params, self.proj.stride)
         return x.flatten(2).transpose(1, 2)  # [B, D, Fp, Tp] -> [B, Fp*Tp, D]
+
+    def matmul_over_patches(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The convolution as one matmul over the flattened patches, ``[B, Fp*Tp, D]``.
+
+        Used in bfloat16 on CPU, where oneDNN's bf16 convolution took 11x as long forward and
+        backward (31.6 vs 2.7 ms for a batch of 8 80x608 inputs; slower still with two threads).
+        The same products and float32 sums; only their order differs.
+        """
+        B, C, H, W = x.shape
+        ph, pw = self.patch_size
+        patches = x.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5)  # [B, Fp, Tp, C, ph, pw]
+        return F.linear(patches.reshape(B, (H // ph) * (W // pw), C * ph * pw), weight.reshape(weight.shape[0], -1), bias)
 
 
 class Attention(nn.Module):

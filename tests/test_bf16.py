@@ -220,3 +220,6 @@ def test_patch_embedding_as_matmul_equals_the_convolution():
     torch.testing.assert_close(y.float(), conv, rtol=2e-2, atol=2e-2)
     y.float().square().sum().backward()
     assert pe.proj.weight.grad.dtype == torch.float32 and pe.proj.weight.grad.abs().sum() > 0
+    ragged = torch.randn(1, 1, 85, 100)  # past the last whole patch: dropped, as by the strided conv
+    torch.testing.assert_close(pe.matmul_over_patches(ragged, pe.proj.weight, pe.proj.bias), pe(ragged),
+                               rtol=1e-5, atol=1e-5)

@@ -9,10 +9,11 @@ once after each optimizer step instead of cast on every call; the numbers are th
 own casts. Float32 runs do not touch this code.
 
 bfloat16 inference on CPU: `pack_weights` gives the widening linear layers of a bfloat16 model
-weights reordered once into oneDNN's blocked layout (what ``torch.compile`` does with frozen weights), used
-whenever no gradient is taken; the MLP's first layer then applies GELU inside the matmul, on the
-float32 accumulator. Outputs are those of ``F.linear`` (bit for bit with one thread; with more,
-oneDNN may split the float32 sums differently); the fused GELU rounds once instead of twice.
+weights reordered once into oneDNN's blocked layout (what ``torch.compile`` does with frozen
+weights), used whenever no gradient is taken; the MLP's first layer then applies GELU inside the
+matmul, on the float32 accumulator. Outputs are those of ``F.linear`` (bit for bit with one
+thread; with more, oneDNN may split the float32 sums differently); the fused GELU rounds once
+instead of twice. In bfloat16 on CPU the patch embedding is one matmul over the flattened patches.
 """
 
 from __future__ import annotations
@@ -202,8 +203,9 @@ class Linear(nn.Linear):
         """The oneDNN-packed weight when `x` may use it: packing on, bfloat16 on CPU, no gradient
         taken; repacked after the weight changed."""
         w = self.weight
-        if not (self.pack and _ONEDNN_OK and x.device.type == 'cpu' and not torch.compiler.is_compiling() and x.dtype == w.dtype == torch.bfloat16) \
-                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
+        usable = (self.pack and _ONEDNN_OK and x.device.type == 'cpu' and x.dtype == w.dtype == torch.bfloat16
+                  and not torch.compiler.is_compiling())
+        if not usable or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
             return None
         key = (w._version, w.data_ptr())
         hit = _PACKED.get(w)
@@ -267,14 +269,19 @@ class PatchEmbed(nn.Module):
     def matmul_over_patches(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The convolution as one matmul over the flattened patches, ``[B, Fp*Tp, D]``.
 
-        Used in bfloat16 on CPU, where oneDNN's bf16 convolution took 11x as long forward and
-        backward (31.6 vs 2.7 ms for a batch of 8 80x608 inputs; slower still with two threads).
-        The same products and float32 sums; only their order differs.
+        Used in bfloat16 on CPU, where oneDNN's bf16 convolution took 8-11x as long forward and
+        backward (batch of 8 80x608 inputs: 31.6 vs 2.7 ms with one thread, 11.7 vs 1.5 ms with
+        two). The same products and float32 sums; only their order differs. Rows and columns past
+        the last whole patch are dropped, as the strided convolution drops them.
         """
-        B, C, H, W = x.shape
         ph, pw = self.patch_size
+        B, C, H, W = x.shape
+        if H % ph or W % pw:
+            x = x[..., :H - H % ph, :W - W % pw]
+            H, W = H - H % ph, W - W % pw
         patches = x.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5)  # [B, Fp, Tp, C, ph, pw]
-        return F.linear(patches.reshape(B, (H // ph) * (W // pw), C * ph * pw), weight.reshape(weight.shape[0], -1), bias)
+        patches = patches.reshape(B, (H // ph) * (W // pw), C * ph * pw)
+        return F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
 
 
 class Attention(nn.Module):

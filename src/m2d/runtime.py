@@ -64,10 +64,10 @@ class RuntimeM2D(nn.Module):
         num_classes: build the EVAR classification head (weights taken from a fine-tuned file).
         bf16: encode in bfloat16 (CPUs with avx512_bf16/AMX, GPUs): the encoder weights are cast
             once to bfloat16 and activations run in bfloat16 (the kernels accumulate LayerNorm,
-            softmax and matmuls in float32); features come back as float32. On CPU the linear
-            layers run on oneDNN-packed weights with GELU fused into the MLP (`vit.pack_weights`)
-            while no gradient is taken. An inference mode: for training in mixed precision, keep
-            float32 weights and use ``torch.autocast``.
+            softmax and matmuls in float32); features come back as float32. On CPU the qkv and
+            MLP fc1 layers run on oneDNN-packed weights with GELU fused into fc1 while no gradient
+            is taken (`vit.pack_weights`), and the patch embedding is one matmul. An inference
+            mode: for training in mixed precision, keep float32 weights and use ``torch.autocast``.
         trust: allow pickles that need more than tensors (runs code from the file).
     """
 

@@ -10,7 +10,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from m2d.audio import PRESETS, AudioError, LogMelSpectrogram, load_audio, mel_filterbank, num_frames, preset
+from m2d.audio import (PRESETS, AudioError, LogMelSpectrogram, audio_duration, load_audio, mel_filterbank, num_frames,
+                       preset, stream_audio)
 
 # ---------------------------------------------------------------------------------------------
 # an independent front-end: numpy framing + rFFT + a loop-built Slaney filterbank
@@ -193,3 +194,31 @@ def test_unknown_length_headers_pass(tmp_path):
     raw[at:at + 4] = b'\xff\xff\xff\xff'
     path.write_bytes(bytes(raw))
     assert len(load_audio(path, 8000)) == 800
+
+
+@pytest.mark.parametrize('sr_file, block', [(44100, 10_000), (16000, 777), (8000, 1 << 20)])
+def test_stream_audio_equals_load_audio(tmp_path, sr_file, block):
+    rng = np.random.default_rng(0)
+    stereo = (0.1 * rng.standard_normal((sr_file * 3 + 123, 2))).astype(np.float32)
+    path = tmp_path / 'long.wav'
+    sf.write(path, stereo, sr_file, subtype='FLOAT')
+    blocks = list(stream_audio(path, 16000, block_samples=block))
+    whole = load_audio(path, 16000)
+    streamed = np.concatenate(blocks)
+    assert len(blocks) >= 2 or block >= stereo.shape[0]
+    assert streamed.dtype == np.float32 and streamed.shape == whole.shape
+    np.testing.assert_allclose(streamed, whole, atol=1e-6)
+    assert audio_duration(path) == pytest.approx(stereo.shape[0] / sr_file)
+
+
+def test_stream_audio_errors_name_the_file(tmp_path):
+    empty = tmp_path / 'empty.wav'
+    sf.write(empty, np.zeros((0, 1), np.float32), 16000)
+    with pytest.raises(AudioError, match='empty.wav: the file holds no audio'):
+        list(stream_audio(empty))
+    with pytest.raises(AudioError, match='missing.wav: no such file'):
+        list(stream_audio(tmp_path / 'missing.wav'))
+    junk = tmp_path / 'junk.wav'
+    junk.write_bytes(b'not audio at all')
+    with pytest.raises(AudioError, match='junk.wav: cannot read audio'):
+        list(stream_audio(junk))

@@ -2,7 +2,8 @@
 
 `load_audio` reads a file as the models expect it (mono, resampled, float32) and refuses files that
 cannot be used (unreadable, empty, cut short, non-finite samples) with an `AudioError` naming the
-file; `read_audio` does the same in bounded memory for long files.
+file; `read_audio` does the same in bounded memory for long files, and `stream_audio` yields a
+file block by block for recordings of any length.
 
 The front-end reproduces the reference (nnAudio ``MelSpectrogram`` + ``log(x + eps)``) with
 ``torch.stft`` and a Slaney mel filterbank, so it runs on any device without extra packages.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,34 +153,67 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
 
 def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     """`load_audio` in bounded memory: large files are decoded and resampled block by block."""
-    import soundfile as sf
-    import soxr
-
     path = _audio_file(path)
     limit = _STREAM_BYTES // 4 if path.suffix.lower() in _COMPRESSED else _STREAM_BYTES
     if path.stat().st_size <= limit:
         return load_audio(path, sample_rate)
+    parts = list(stream_audio(path, sample_rate))
+    return _nonempty(path, np.concatenate(parts) if parts else np.zeros(0, np.float32))
+
+
+def stream_audio(path: str | Path, sample_rate: int = 16000,
+                 block_samples: int = _STREAM_BLOCK) -> Iterator[np.ndarray]:
+    """Mono float32 blocks of a file at `sample_rate`, in order, in memory bounded by `block_samples`.
+
+    The file is decoded `block_samples` source frames at a time and resampled with soxr's streaming
+    resampler, so the concatenated blocks equal `load_audio` up to float32 round-off. Blocks may be
+    empty or of uneven length (the resampler's delay). Raises `AudioError` naming the file on the
+    same problems as `load_audio`; an empty file raises once the stream ends without a sample.
+    """
+    import soundfile as sf
+    import soxr
+
+    path = _audio_file(path)
+    if block_samples < 1:
+        raise ValueError(f'block_samples must be positive, got {block_samples}')
     try:
         f = sf.SoundFile(str(path))
     except Exception as e:
         raise AudioError(f'{path}: cannot read audio ({e})') from None
     check_complete(path)
-    parts = []
+    produced = 0
     with f:
         stream = (soxr.ResampleStream(f.samplerate, sample_rate, 1, dtype='float32', quality='HQ')
                   if f.samplerate != sample_rate else None)
         while True:
             try:
-                block = f.read(_STREAM_BLOCK, dtype='float32', always_2d=True)
+                block = f.read(block_samples, dtype='float32', always_2d=True)
             except Exception as e:
                 raise AudioError(f'{path}: cannot read audio ({e})') from None
             if block.shape[0] == 0:
                 break
             mono = _mono(path, block)
-            parts.append(stream.resample_chunk(mono) if stream else mono.copy())
+            out = stream.resample_chunk(mono) if stream else mono.copy()
+            produced += out.size
+            yield np.ascontiguousarray(out, dtype=np.float32)
         if stream is not None:
-            parts.append(stream.resample_chunk(np.zeros(0, np.float32), last=True))
-    return _nonempty(path, np.concatenate(parts) if parts else np.zeros(0, np.float32))
+            out = stream.resample_chunk(np.zeros(0, np.float32), last=True)
+            produced += out.size
+            yield np.ascontiguousarray(out, dtype=np.float32)
+    if produced == 0:
+        raise AudioError(f'{path}: the file holds no audio samples')
+
+
+def audio_duration(path: str | Path) -> float:
+    """Length of an audio file in seconds from its header (no decoding); `AudioError` when unreadable."""
+    import soundfile as sf
+
+    path = _audio_file(path)
+    try:
+        info = sf.info(str(path))
+    except Exception as e:
+        raise AudioError(f'{path}: cannot read audio ({e})') from None
+    return info.frames / info.samplerate if info.samplerate else 0.0
 
 
 def _audio_file(path: str | Path) -> Path:

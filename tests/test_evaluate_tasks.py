@@ -95,6 +95,32 @@ def test_fold_column_holds_out_fold_1(tmp_path, audio_dir):
     assert task.counts()['valid'] >= 2 and 'fold 1' in task.notes[0]
 
 
+def test_fold_api_every_fold_as_test(tmp_path, audio_dir):
+    # folds 1..10 as EVAR's us8k.csv: sorted numerically (10 after 9), each one the test set in turn
+    rows = [f'a{i}.wav,dog,{i + 1}' for i in range(10)] + [f'b{i}.wav,cat,{i + 1}' for i in range(10)]
+    task = load_task(csv=write_csv(tmp_path / 'us.csv', 'file_name,label,fold', rows), data_dir=audio_dir)
+    assert task.folds == [str(k) for k in range(1, 11)]
+    assert {c.key: c.fold for c in task.clips}['b9'] == '10'
+    tested = []
+    for fold in task.folds:
+        f = task.for_fold(fold)
+        assert f.counts() == {'train': 18, 'valid': 0, 'test': 2}
+        assert {c.fold for c in f.split('test')} == {fold} and fold not in {c.fold for c in f.split('train')}
+        assert [c.key for c in f.clips] == [c.key for c in task.clips]  # same clips, same order
+        tested += [c.key for c in f.split('test')]
+    assert sorted(tested) == sorted(c.key for c in task.clips)  # every clip is tested exactly once
+    assert task.for_fold(2).split('test') == task.for_fold('2').split('test')
+    assert task.counts()['valid'] > 0  # the task itself is unchanged
+    with pytest.raises(TaskError, match='fold .11. is not a fold'):
+        task.for_fold(11)
+    split_rows = [r.rsplit(',', 1)[0] + (',test' if r.startswith(('a9', 'b9')) else ',valid' if
+                                         r.startswith(('a8', 'b8')) else ',train') for r in rows]
+    split_task = load_task(csv=write_csv(tmp_path / 's.csv', 'file_name,label,split', split_rows), data_dir=audio_dir)
+    assert split_task.folds == [] and all(c.fold is None for c in split_task.clips)
+    with pytest.raises(TaskError, match='no fold column'):
+        split_task.for_fold(1)
+
+
 def test_folder_task(tmp_path):
     root = tmp_path / 'animals'
     for i in range(6):

@@ -5,9 +5,11 @@ class names and the unit length every clip is cropped or padded to. Three source
 
 - **CSV** (`csv=FILE, data_dir=DIR`): columns ``file_name,label`` and optional ``split`` (EVAR's
   metadata files as they are; other columns are ignored). Several labels in one cell (``a;b``, or
-  EVAR's ``a,b``) make a multi-label task. Without ``split``: a ``fold`` column holds out fold 1 as
-  test (EVAR's first fold); otherwise a stratified train/valid/test split (default 70/10/20) from
-  the seed.
+  EVAR's ``a,b``) make a multi-label task. Without ``split``: a ``fold`` column makes a fold task
+  (every clip keeps its fold; `Task.folds` lists them and `Task.for_fold(K)` is the task with fold
+  K as test and all others as train, as EVAR runs each fold); the task as loaded holds out the
+  first fold, with a validation part carved from the rest by the seed. Otherwise a stratified
+  train/valid/test split (default 70/10/20) from the seed.
 - **Folder** (`data_dir=DIR`): each sub-folder is a class; its audio files (recursive) are the clips.
 - **Built-in** (`'fsdd-digits'`, `'fsdd-speakers'`): the Free Spoken Digit Dataset with its official
   split (takes 0-4 are test); a validation part is carved from the rest by the seed.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import csv as csv_module
 import hashlib
 import logging
+import dataclasses
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -54,6 +57,7 @@ class Clip:
     key: str                 # unique id within the task (relative path without suffix)
     labels: tuple[str, ...]  # one label, or several for multi-label tasks
     split: str               # 'train' | 'valid' | 'test'
+    fold: str | None = None  # the CSV's fold value; None when the task has no folds
 
 
 @dataclass
@@ -67,6 +71,23 @@ class Task:
     unit_sec: float          # clips are cropped/padded to this length
     source: str = ''         # where the task came from (CSV path, folder), for reports
     notes: list[str] = field(default_factory=list)  # how the split was made, etc.
+
+    @property
+    def folds(self) -> list[str]:
+        """The fold ids of a fold task, sorted (numerically when they are integers); empty without folds."""
+        return sorted({c.fold for c in self.clips if c.fold is not None}, key=fold_sort_key)
+
+    def for_fold(self, fold: str | int) -> Task:
+        """A copy where the clips of `fold` are the test split and all others train (no valid split: each
+        consumer makes its own validation part, as EVAR does)."""
+        fold = str(fold)
+        if fold not in self.folds:
+            known = ', '.join(self.folds) or 'none: the task has no fold column'
+            raise TaskError(f'{self.source}: fold {fold!r} is not a fold of {self.name} (folds: {known})')
+        clips = [dataclasses.replace(c, split='test' if c.fold == fold else 'train') for c in self.clips]
+        notes = [n for n in self.notes if not n.startswith('fold ')]
+        return dataclasses.replace(self, clips=clips, notes=[f'fold {fold} is the test split, the other folds train',
+                                                             *notes])
 
     def split(self, name: str) -> list[Clip]:
         """The clips of one split ('train', 'valid' or 'test'), in task order."""
@@ -139,6 +160,11 @@ def default_unit_sec(clips: Sequence[Clip], cap: float = MAX_DEFAULT_UNIT_SEC) -
 # splitting
 
 
+def fold_sort_key(fold: str) -> tuple:
+    """Integers in numeric order (1, 2, ..., 10), before any other fold names in text order."""
+    return (0, int(fold), '') if fold.lstrip('-').isdigit() else (1, 0, fold)
+
+
 def stratified_split(labels: Sequence[tuple[str, ...]], seed: int,
                      ratio: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> list[str]:
     """A split name per item: within each stratum (the item's rarest label) the items are shuffled by
@@ -179,8 +205,7 @@ def carve_valid(clips: list[Clip], seed: int, fraction: float) -> list[Clip]:
     out = list(clips)
     for i, s in zip(train, split):
         if s == 'valid':
-            c = clips[i]
-            out[i] = Clip(c.path, c.key, c.labels, 'valid')
+            out[i] = dataclasses.replace(clips[i], split='valid')
     return out
 
 
@@ -226,23 +251,25 @@ def _read_csv_task(csv: Path, data_dir: Path, seed: int, ratio) -> tuple[list[Cl
         if key in seen:
             raise TaskError(f'{csv}:{line}: {name} is listed twice (first on line {seen[key]})')
         seen[key] = line
-        split = ''
+        split, fold = '', None
+        if 'split' not in columns and 'fold' in columns:
+            fold = row['fold']
+            if not fold:
+                raise TaskError(f'{csv}:{line}: empty fold for {name}')
         if 'split' in columns:
             split = SPLIT_ALIASES.get(row['split'].lower(), '')
             if not split:
                 raise TaskError(f'{csv}:{line}: split {row["split"]!r} is not one of train, valid, test')
-        clips.append(Clip(path, key, labels, split))
+        clips.append(Clip(path, key, labels, split, fold))
     if absent:
         raise TaskError(f'{csv}: {len(absent)} of {len(rows)} listed file(s) are not in {data_dir} '
                         f'(first: {absent[0]})')
     if 'split' not in columns:
         if 'fold' in columns:
-            folds = [row['fold'] for row in rows]
-            test_fold = sorted(set(folds), key=lambda v: (len(v), v))[0]
-            clips = [Clip(c.path, c.key, c.labels, 'test' if fold == test_fold else 'train')
-                     for c, fold in zip(clips, folds)]
+            test_fold = min({c.fold for c in clips}, key=fold_sort_key)
+            clips = [dataclasses.replace(c, split='test' if c.fold == test_fold else 'train') for c in clips]
             clips = carve_valid(clips, seed, ratio[1] / max(ratio[0] + ratio[1], 1e-9))
-            notes.append(f'fold {test_fold} is the test split (EVAR\'s first fold); valid carved from the other '
+            notes.append(f'fold {test_fold} is the test split (the first fold); valid carved from the other '
                          f'folds with seed {seed}')
         else:
             split = stratified_split([c.labels for c in clips], seed, ratio)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -54,17 +55,36 @@ def run(setup):
     return out, report
 
 
+def script_scores(monkeypatch, scores):
+    """Make the validation/test metric return `scores` in turn; returns the list of scored set sizes."""
+    scripted, seen = iter(scores), []
+
+    def fake_scores(logits, targets, multilabel):
+        seen.append(len(logits))
+        return next(scripted)
+
+    for module in (ft.loop, ft.run):
+        monkeypatch.setattr(module, 'evaluate_scores', fake_scores)
+    return seen
+
+
 # ---------------------------------------------------------------------------------------------
 # augmentations
 
 
-def test_mixup_reversed_partner_and_beta_lambdas():
+def test_mixup_permuted_partner_and_beta_lambdas():
     x = torch.randn(6, 100)
     y = torch.eye(3)[torch.tensor([0, 1, 2, 0, 1, 2])]
     xm, ym, lam = mixup(x, y, 0.3, np.random.default_rng(0))
     assert lam.shape == (6,) and bool(((lam >= 0) & (lam <= 1)).all())
+    # EVAR's Mixup draws the λs, then np.random.permutation(B) for the partners
+    draw = np.random.default_rng(0)
+    assert np.allclose(draw.beta(0.3, 0.3, size=6), lam.numpy(), atol=1e-6)
+    partner = draw.permutation(6)
+    assert sorted(partner) == list(range(6)) and list(partner) != [5, 4, 3, 2, 1, 0]
     for b in range(6):
-        assert torch.allclose(xm[b], lam[b] * x[b] + (1 - lam[b]) * x[5 - b], atol=1e-6)
+        assert torch.allclose(xm[b], lam[b] * x[b] + (1 - lam[b]) * x[partner[b]], atol=1e-6)
+        assert torch.allclose(ym[b], lam[b] * y[b] + (1 - lam[b]) * y[partner[b]], atol=1e-6)
     assert torch.allclose(ym.sum(1), torch.ones(6), atol=1e-6)
     # Beta(0.3, 0.3): mean 1/2, variance 1/(4(2α+1)) = 0.156 (a uniform's is 0.083)
     big = mixup(torch.zeros(20000, 1), torch.zeros(20000, 1), 0.3, np.random.default_rng(1))[2]
@@ -150,6 +170,24 @@ def test_schedule_is_timms_cosine_with_warmup():
     assert ft.learning_rate(200, 1.0, 5, 200) == pytest.approx(1e-7)
 
 
+@pytest.mark.parametrize('warmup', [2.0, 0.0])
+def test_each_step_runs_at_the_rate_evar_set_after_the_step_before(warmup):
+    """EVAR's _train: optimizer.step(), then scheduler.step(epoch + iter / iters); the scheduler starts at
+    warmup_lr_init = 0 (or at the peak rate without warmup)."""
+    s = ft.FinetuneSettings(lr=1.0, warmup_epochs=warmup, epochs=4)
+    iters = 3
+    current = 0.0 if warmup else s.lr
+    used = []
+    for epoch in range(s.epochs):
+        for it in range(iters):
+            used.append(current)  # the rate optimizer.step() runs with
+            current = ft.learning_rate(epoch + it / iters, s.lr, s.warmup_epochs, s.epochs, s.min_lr)
+    ours = [ft.step_learning_rate(k, iters, s) for k in range(s.epochs * iters)]
+    assert ours == pytest.approx(used, abs=1e-12)
+    if warmup:  # the first two steps both run at 0, the third at the schedule's first micro-epoch
+        assert ours[:3] == pytest.approx([0.0, 0.0, 1 / (3 * warmup)])
+
+
 def test_evar_loss_is_cross_entropy_over_classes():
     logits, y = torch.randn(5, 4), torch.eye(4)[torch.tensor([0, 1, 2, 3, 0])]
     assert ft.evar_loss(logits, y, False) == pytest.approx(float(F.cross_entropy(logits, y.argmax(1))) / 4, rel=1e-5)
@@ -226,14 +264,7 @@ def test_checkpoint_reproduces_the_reported_test_score(setup, run):
 def test_early_stopping_keeps_the_best_validation_epoch(setup, tmp_path, monkeypatch):
     root, ckpt, csv = setup
     task = load_task(csv=csv, data_dir=FSDD, unit_sec=0.3)
-    scripted = iter([0.2, 0.6, 0.4, 0.3, 0.1, 0.9])  # valid per epoch; the test call gets what remains
-    seen = []
-
-    def fake_scores(logits, targets, multilabel):
-        seen.append(len(logits))
-        return next(scripted)
-
-    monkeypatch.setattr(ft, 'evaluate_scores', fake_scores)
+    seen = script_scores(monkeypatch, [0.2, 0.6, 0.4, 0.3, 0.1, 0.9])  # valid per epoch, then the test call
     report = ft.finetune(ckpt, task, tmp_path, epochs=10, patience=2, batch_size=10, lr=0.01, mixup=0.0,
                          rrc=False, progress=False)
     assert report['best_epoch'] == 1 and report['valid_best'] == 0.6
@@ -266,7 +297,8 @@ def test_multilabel_task_uses_map(tmp_path, small_ckpt):
     ('lr', 0.0, '--lr 0.0'), ('batch_size', 1, '--batch_size 1'), ('epochs', 0, '--epochs 0'),
     ('optim', 'adam', '--optim adam'), ('mixup', -0.1, '--mixup'), ('training_mask', 1.0, '--training_mask 1.0'),
     ('freq_mask', -1, '--freq_mask'), ('patience', -2, '--patience'), ('norm_stats', '1,0', '--norm_stats'),
-    ('norm_stats', 'x', '--norm_stats')])
+    ('norm_stats', 'x', '--norm_stats'), ('valid_fraction', 1.0, '--valid_fraction'),
+    ('valid_fraction', 0.0, '--valid_fraction'), ('save_every', -1, '--save_every')])
 def test_bad_settings_name_the_option(option, value, message):
     with pytest.raises(ft.FinetuneError, match=message):
         ft.FinetuneSettings(**{option: value}).check()
@@ -418,3 +450,117 @@ def test_pretrain_then_finetune_then_predict(setup, tmp_path, capsys):
     assert main(['predict', str(FSDD / '2_theo_0.wav'), '--weights', report['checkpoint'], '--top', '1']) == 0
     label = capsys.readouterr().out.split('\t')[1].split()[0]
     assert label in ('0', '1', '2')
+
+
+# ---------------------------------------------------------------------------------------------
+# validation, folds, checkpoint writes
+
+
+def no_valid_task(csv):
+    """The small FSDD task with its valid clips moved to train: a task without a valid split (as a fold of a
+    fold task is; `load_task` itself refuses a CSV whose valid split is empty)."""
+    task = load_task(csv=csv, data_dir=FSDD, unit_sec=0.3)
+    clips = [dataclasses.replace(c, split='train') if c.split == 'valid' else c for c in task.clips]
+    return dataclasses.replace(task, clips=clips)
+
+
+def write_fold_csv(folder, folds=5):
+    """EVAR's esc50.csv shape (file_name,label,fold): take t of each digit/speaker is in fold t+1."""
+    lines = ['file_name,label,fold']
+    for d in '01':
+        for spk in ('jackson', 'theo'):
+            for take in range(folds):
+                lines.append(f'{d}_{spk}_{take}.wav,{d},{take + 1}')
+    path = folder / 'folds.csv'
+    path.write_text('\n'.join(lines) + '\n')
+    return path
+
+
+def test_without_a_valid_split_the_test_split_validates_and_is_flagged(setup, tmp_path, monkeypatch):
+    _, ckpt, csv = setup
+    task = no_valid_task(csv)
+    assert task.split('valid') == []
+    seen = script_scores(monkeypatch, [0.2, 0.7, 0.5])
+    report = ft.finetune(ckpt, task, tmp_path / 'out', epochs=3, batch_size=12, lr=0.01, mixup=0.0, rrc=False,
+                         progress=False)
+    # EVAR: valid_loader = test_loader, the result is the best epoch's score on it, with no further test pass
+    assert seen == [12, 12, 12] and report['test'] == 0.7 and report['best_epoch'] == 1
+    assert report['validation'] == {'split': 'test', 'fraction': None, 'optimistic': True}
+    assert report['task']['counts'] == {'train': 36, 'valid': 12, 'test': 12}
+    md = (tmp_path / 'out' / 'report.md').read_text()
+    assert 'validated on the test split' in md and 'optimistic' in md and '--valid_fraction' in md
+
+
+def test_valid_fraction_carves_a_stratified_part_of_train(setup, tmp_path):
+    _, ckpt, csv = setup
+    task = no_valid_task(csv)
+    splits = ft.choose_splits(task, 0.25, seed=0)
+    train, valid, test = ({c.key for c in x} for x in (splits.train, splits.valid, splits.test))
+    assert splits.validation == 'carved' and not train & valid and train | valid == {c.key for c in task.split('train')}
+    assert test == {c.key for c in task.split('test')} and len(valid) == 9  # 25 % of 12 train clips per class
+    for clips in (splits.train, splits.valid):  # every class on both sides
+        assert {c.labels[0] for c in clips} == set(task.classes)
+    assert {c.key for c in ft.choose_splits(task, 0.25, seed=1).valid} != valid  # drawn by the seed
+    report = ft.finetune(ckpt, task, tmp_path / 'out', epochs=1, batch_size=12, lr=0.01, valid_fraction=0.25,
+                         progress=False)
+    assert report['task']['counts'] == {'train': 27, 'valid': 9, 'test': 12}
+    assert report['validation'] == {'split': 'carved', 'fraction': 0.25, 'optimistic': False}
+    assert 'optimistic' not in (tmp_path / 'out' / 'report.md').read_text()
+    with_valid = load_task(csv=csv, data_dir=FSDD, unit_sec=0.3)
+    with pytest.raises(ft.FinetuneError, match='--valid_fraction 0.25: .* has its own valid split'):
+        ft.choose_splits(with_valid, 0.25, seed=0)
+
+
+def test_fold_task_runs_every_fold_and_averages(setup, tmp_path, monkeypatch):
+    import m2d.audio
+    import m2d.evaluate.tasks
+
+    _, ckpt, csv = setup
+    task = load_task(csv=write_fold_csv(tmp_path), data_dir=FSDD, unit_sec=0.3)
+    reads = []
+    for module in (m2d.audio, m2d.evaluate.tasks):
+        real = module.load_audio
+        monkeypatch.setattr(module, 'load_audio', lambda path, sr, real=real: reads.append(path) or real(path, sr))
+    opts = dict(epochs=1, batch_size=8, lr=0.01, mixup=0.0, rrc=False, save_every=0, progress=False)
+    out = tmp_path / 'out'
+    report = ft.finetune(ckpt, task, out, **opts)
+    assert report['task']['folds'] == ['1', '2', '3', '4', '5'] and len(report['model']['per_fold']) == 5
+    assert report['test'] == pytest.approx(np.mean(report['model']['per_fold'])) == report['model']['mean']
+    assert report['validation']['split'] == 'test'
+    for k, run in zip('12345', report['fold_runs']):
+        fold = json.loads((out / f'fold{k}' / 'report.json').read_text())
+        assert run['fold'] == fold['fold'] == k and fold['test'] == run['test']
+        assert fold['task']['counts'] == {'train': 16, 'valid': 4, 'test': 4}  # fold k is the test set
+        assert (out / f'fold{k}').joinpath(*fold['checkpoint'].split('/')[-2:]).is_file()
+    # each clip read once as a whole file (train) and once cropped (test), not once per fold
+    assert len(reads) == 2 * 20 and len(set(map(str, reads))) == 20
+    md = (out / 'report.md').read_text()
+    assert 'mean over folds 1, 2, 3, 4, 5' in md and '| 5 |' in md
+    one = ft.finetune(ckpt, task, tmp_path / 'one', fold='2', **opts)
+    assert one['task']['folds'] == ['2'] and one['model']['per_fold'] == [pytest.approx(report['fold_runs'][1]['test'])]
+    assert sorted(p.name for p in (tmp_path / 'one').iterdir() if p.is_dir()) == ['fold2']
+    with pytest.raises(ft.FinetuneError, match='--fold 9'):
+        ft.finetune(ckpt, task, tmp_path / 'bad', fold='9', **opts)
+    with pytest.raises(ft.FinetuneError, match='--fold 1: .* no fold column'):
+        ft.finetune(ckpt, no_valid_task(csv), tmp_path / 'bad', fold='1', **opts)
+
+
+@pytest.mark.parametrize('scores, save_every, writes, epoch', [
+    ([0.1, 0.2, 0.3, 0.4, 0.5], 0, 1, 4),     # improving every epoch: one write, at the end
+    ([0.1, 0.2, 0.3, 0.4, 0.5], 2, 3, 4),     # after epochs 1 and 3, then the end
+    ([0.1, 0.5, 0.2, 0.3, 0.4], 2, 1, 1)])    # the best never changes after epoch 1's write
+def test_best_weights_are_written_per_save_every_and_at_the_end(setup, tmp_path, monkeypatch, scores, save_every,
+                                                               writes, epoch):
+    _, ckpt, csv = setup
+    task = load_task(csv=csv, data_dir=FSDD, unit_sec=0.3)
+    script_scores(monkeypatch, scores + [0.0])
+    written = []
+    real = ft.files.save_checkpoint
+    monkeypatch.setattr(ft.files, 'save_checkpoint', lambda obj, path: written.append(
+        json.loads(obj['m2d_finetune'])['epoch']) or real(obj, path))
+    report = ft.finetune(ckpt, task, tmp_path, epochs=5, batch_size=10, lr=0.01, mixup=0.0, rrc=False,
+                         save_every=save_every, progress=False)
+    assert len(written) == writes == report['checkpoint_writes'] and written[-1] == epoch == report['best_epoch']
+    folder = tmp_path / report['checkpoint'].split('/')[-2]
+    assert [p.name for p in folder.iterdir()] == ['weights_best.pth']  # written atomically: no temporary left
+    assert json.loads(torch.load(report['checkpoint'], weights_only=True)['m2d_finetune'])['epoch'] == epoch

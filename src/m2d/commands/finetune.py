@@ -11,6 +11,9 @@ warmup + cosine, mixup, random resize crop, SpecAugment, optional structured pat
 best-validation checkpoint is tested and saved as OUTPUT_DIR/<model>-<task>/weights_best.pth, which
 `m2d predict`, RuntimeM2D(path, num_classes=C) and the reference's runtimes load. Reports:
 OUTPUT_DIR/report.json, report.md, learning_curves.png (default OUTPUT_DIR: eval/<weights>/<task>/finetune).
+A fold task (ESC-50, US8K) runs every fold (OUTPUT_DIR/fold<K>/) and reports their mean. A task
+without a valid split is validated on its test split, as EVAR does (an optimistic number; the report
+says so), unless --valid_fraction F is given.
 
 examples:
   m2d finetune --weights m2d_vit_base-80x608p16x16-221006-mr7 --task fsdd-digits --data_dir data/fsdd \\
@@ -79,10 +82,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='default 0 (sgd, lars) or 1e-4 (adamw)')
     o.add_argument('--norm_stats', '--norm-stats', dest='norm_stats', default=None, metavar='auto|MEAN,STD',
                    help='log-mel normalization: default the weight file\'s; auto = train split (as EVAR)')
-    o.add_argument('--seed', type=int, default=0, help='seed of the split, order, augmentations, head init')
+    o.add_argument('--seed', type=int, default=0,
+                   help='seed of the split, order, augmentations, head init (default 0; EVAR\'s is 42)')
+    o.add_argument('--fold', default=None, metavar='K',
+                   help='a fold task (CSV with a fold column): run only fold K as the test set (default: every '
+                        'fold in turn, the score is their mean, as EVAR)')
+    o.add_argument('--valid_fraction', '--valid-fraction', dest='valid_fraction', type=float, default=None,
+                   metavar='F', help='for a task without a valid split: validate on a stratified fraction F of train '
+                                     '(default: on the test split, as EVAR; the report flags it as optimistic)')
     r = parser.add_argument_group('run')
     r.add_argument('--output_dir', '--output-dir', dest='output_dir', default=None, metavar='DIR',
                    help='where the reports and the checkpoint go (default eval/<weights>/<task>/finetune)')
+    r.add_argument('--save_every', '--save-every', dest='save_every', type=int, default=10, metavar='N',
+                   help='write the best weights (kept in memory) every N epochs if they changed, and at the end; '
+                        '0: only at the end (default %(default)s)')
     r.add_argument('--device', default=None, help='torch device (default cuda if available, else cpu)')
     r.add_argument('--bf16', action='store_true', help='bfloat16 autocast for the encoder (GPUs, recent CPUs)')
     r.add_argument('--workers', type=int, default=0,
@@ -100,11 +113,20 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
         optim=args.optim, mixup=args.mixup, rrc=args.rrc, freq_mask=args.freq_mask, time_mask=args.time_mask,
         training_mask=args.training_mask, patience=args.patience, seed=args.seed, norm_stats=args.norm_stats,
-        weight_decay=args.weight_decay, bf16=args.bf16, device=args.device, workers=args.workers,
+        weight_decay=args.weight_decay, fold=args.fold, valid_fraction=args.valid_fraction,
+        save_every=args.save_every, bf16=args.bf16, device=args.device, workers=args.workers,
         trust=args.trust, progress=not args.quiet)
     settings.check()  # option errors before the data is read
     task = load_task(args.task, csv=args.csv, data_dir=args.data_dir, unit_sec=args.unit_sec, seed=args.seed)
     report = finetune(hub.weights_path(args.weights), task, args.output_dir, settings)
-    print(f'{task.name}: test {report["metric"]} {report["test"]:.4f} (best valid {report["valid_best"]:.4f} at '
-          f'epoch {report["best_epoch"]}); checkpoint {report["checkpoint"]}; report {report["output_dir"]}/report.md')
+    where = 'validated on test: optimistic' if report['validation']['split'] == 'test' else 'validated on ' + (
+        'a carved part of train' if report['validation']['split'] == 'carved' else 'the valid split')
+    if 'fold_runs' in report:
+        folds = ', '.join(f'{f["fold"]}: {f["test"]:.4f}' for f in report['fold_runs'])
+        print(f'{task.name}: test {report["metric"]} {report["test"]:.4f}, the mean over folds ({folds}; {where}); '
+              f'report {report["output_dir"]}/report.md')
+    else:
+        print(f'{task.name}: test {report["metric"]} {report["test"]:.4f} (best valid {report["valid_best"]:.4f} at '
+              f'epoch {report["best_epoch"]}; {where}); checkpoint {report["checkpoint"]}; '
+              f'report {report["output_dir"]}/report.md')
     return 0

@@ -1,7 +1,8 @@
 """Fine-tuning augmentations, as EVAR's ``finetune.py`` applies them (METHOD.md, "Downstream protocol").
 
 - `mixup`: on the waveforms and one-hot targets of a batch, one ``λ ~ Beta(α, α)`` per sample, the
-  partner of sample ``b`` being sample ``B-1-b`` (the reversed batch).
+  partner of each sample drawn by a random permutation of the batch (``np.random.permutation``
+  in EVAR).
 - `spec_mask`: SpecAugment on the normalized LMS: per sample, one frequency band of width
   ``⌊U·freq_mask⌋`` bins and one time band of width ``⌊U·time_mask⌋`` frames set to 0
   (torchaudio's ``FrequencyMasking``/``TimeMasking`` arithmetic; EVAR draws one band for the whole
@@ -31,7 +32,7 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device) 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
           rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mix each sample with its partner in the reversed batch.
+    """Mix each sample with a partner drawn by a random permutation of the batch (EVAR's ``Mixup``).
 
     Args:
         x: inputs ``[B, ...]`` (waveforms ``[B, samples]``).
@@ -39,7 +40,8 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
         alpha: Beta parameter; 0 returns the inputs unchanged (λ = 1).
         rng: numpy generator for ``λ ~ Beta(α, α)`` (EVAR draws with numpy too).
     Returns:
-        ``(λ x + (1-λ) x.flip(0), λ y + (1-λ) y.flip(0), λ)`` with ``λ`` ``[B]``.
+        ``(λ x + (1-λ) x[p], λ y + (1-λ) y[p], λ)`` with ``λ`` ``[B]`` and ``p`` the permutation
+        (drawn after ``λ``, as EVAR draws them; a sample may be its own partner, as there).
     """
     if alpha < 0:
         raise ValueError(f'mixup alpha must be >= 0, got {alpha}')
@@ -48,9 +50,10 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
         return x, y, torch.ones(B, device=x.device)
     rng = rng if rng is not None else np.random.default_rng()
     lam = torch.from_numpy(rng.beta(alpha, alpha, size=B)).to(x.device, torch.float32)
+    p = torch.from_numpy(rng.permutation(B)).to(x.device)
     lx = lam.view((B,) + (1,) * (x.dim() - 1)).to(x.dtype)
     ly = lam.view((B,) + (1,) * (y.dim() - 1)).to(y.dtype)
-    return x * lx + x.flip(0) * (1 - lx), y * ly + y.flip(0) * (1 - ly), lam
+    return x * lx + x[p] * (1 - lx), y * ly + y[p] * (1 - ly), lam
 
 
 def spec_mask(lms: torch.Tensor, freq_mask: int, time_mask: int,

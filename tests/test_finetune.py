@@ -306,7 +306,9 @@ def test_bad_settings_name_the_option(option, value, message):
 
 @pytest.mark.parametrize('extra, message', [
     (['--lr', '-1'], '--lr -1'), (['--training_mask', '1.5'], '--training_mask'),
-    (['--norm_stats', 'a,b'], '--norm_stats'), (['--device', 'nonsense'], '--device')])
+    (['--norm_stats', 'a,b'], '--norm_stats'), (['--device', 'nonsense'], '--device'),
+    (['--valid_fraction', '2'], '--valid_fraction 2.0'), (['--save_every', '-1'], '--save_every -1'),
+    (['--fold', '3'], '--fold 3: '), (['--valid_fraction', '0.2'], 'has its own valid split')])
 def test_cli_bad_options_are_one_line_errors(setup, capsys, extra, message):
     root, ckpt, csv = setup
     rc = main(['finetune', '--weights', str(ckpt), '--csv', str(csv), '--data_dir', str(FSDD), '--epochs', '1',
@@ -554,6 +556,7 @@ def test_best_weights_are_written_per_save_every_and_at_the_end(setup, tmp_path,
     _, ckpt, csv = setup
     task = load_task(csv=csv, data_dir=FSDD, unit_sec=0.3)
     script_scores(monkeypatch, scores + [0.0])
+    monkeypatch.setattr(ft.loop, 'train_epoch', lambda *a, **k: (0.0, 0.01))  # writes do not depend on training
     written = []
     real = ft.files.save_checkpoint
     monkeypatch.setattr(ft.files, 'save_checkpoint', lambda obj, path: written.append(

@@ -21,7 +21,7 @@ examples:
   # EVAR: python finetune.py config/m2d.yaml esc50 weight_file=W --lr 0.5 --freq_mask 0 --time_mask 0
   #       --training_mask 0.5 --mixup 0.0 --rrc True --seed 0
   m2d finetune --weights W --csv evar/metadata/esc50.csv --data_dir work/16k/esc50 --unit_sec 5 \\
-      --lr 0.5 --freq_mask 0 --time_mask 0 --training_mask 0.5 --mixup 0.0 --rrc True --seed 0 --norm_stats auto
+      --lr 0.5 --freq_mask 0 --time_mask 0 --training_mask 0.5 --mixup 0.0 --rrc True --seed 0  # all 5 folds
   m2d finetune --weights W --csv vc1.csv --data_dir work/16k/vc1 --unit_sec 8.2 --optim adamw --lr 0.001 \\
       --freq_mask 0 --time_mask 0 --training_mask 0.0 --mixup 0.0 --rrc False --seed 0
 """

@@ -66,7 +66,6 @@ checkpoint, best weights), `report`, `run` (`finetune`, the fold loop).
 
 from __future__ import annotations
 
-from . import data, files, loop, model, optim, report, run, scoring, settings
 from .data import CACHE_BYTES, ClipData, Splits, choose_splits, one_hot_targets
 from .files import (CHECKPOINT_FILE, BestWeights, checkpoint_path, default_output_dir, finetuned_state, model_name,
                     state_file)

@@ -547,6 +547,23 @@ def test_fold_task_runs_every_fold_and_averages(setup, tmp_path, monkeypatch):
         ft.finetune(ckpt, no_valid_task(csv), tmp_path / 'bad', fold='1', **opts)
 
 
+def test_cli_fold_and_valid_fraction(setup, tmp_path, capsys):
+    root, ckpt, _ = setup
+    need(FSDD)
+    csv = write_fold_csv(tmp_path)
+    common = ['finetune', '--weights', str(ckpt), '--csv', str(csv), '--data_dir', str(FSDD), '--unit_sec', '0.3',
+              '--epochs', '1', '--batch_size', '8', '--lr', '0.01', '--fold', '2', '--quiet']
+    assert main(common + ['--output_dir', str(tmp_path / 'a')]) == 0
+    out = capsys.readouterr().out
+    assert 'the mean over folds (2: ' in out and 'validated on test: optimistic' in out
+    report = json.loads((tmp_path / 'a' / 'report.json').read_text())
+    assert report['task']['folds'] == ['2'] and report['settings']['fold'] == '2'
+    assert main(common + ['--valid_fraction', '0.25', '--output_dir', str(tmp_path / 'b')]) == 0
+    assert 'validated on a carved part of train' in capsys.readouterr().out
+    fold = json.loads((tmp_path / 'b' / 'fold2' / 'report.json').read_text())
+    assert fold['task']['counts'] == {'train': 12, 'valid': 4, 'test': 4} and fold['validation']['split'] == 'carved'
+
+
 @pytest.mark.parametrize('scores, save_every, writes, epoch', [
     ([0.1, 0.2, 0.3, 0.4, 0.5], 0, 1, 4),     # improving every epoch: one write, at the end
     ([0.1, 0.2, 0.3, 0.4, 0.5], 2, 3, 4),     # after epochs 1 and 3, then the end

@@ -144,3 +144,18 @@ def preload(data: ClipData, name: str, progress: bool, threads: int = 4) -> list
             raise FinetuneError(f'the {name} split: none of its {len(failed)} clips could be read ({failed[0][1]})')
         data.keep(keep)
     return failed
+
+
+def split_data(task: Task, splits: Splits, sample_rate: int, unit_samples: int, workers: int,
+               cache: AudioCache | None, progress: bool) -> tuple[dict[str, ClipData], dict[str, list[tuple[str, str]]]]:
+    """`ClipData` per split (``valid`` is the test data when validating on test) and the unreadable clips
+    skipped per split. Without workers and when the clips fit in `CACHE_BYTES`, every clip is read
+    now into `cache` (a new dict when None), so a fold run reuses what the runs before it read."""
+    clips = {'train': splits.train, 'test': splits.test, **({} if splits.valid_is_test else {'valid': splits.valid})}
+    fits = workers == 0 and sum(len(v) for v in clips.values()) * unit_samples * 4 <= CACHE_BYTES
+    cache = (cache if cache is not None else {}) if fits else None
+    data = {k: ClipData(v, one_hot_targets(task, v), sample_rate, unit_samples, random_crop=(k == 'train'), cache=cache)
+            for k, v in clips.items()}
+    skipped = {k: preload(d, k, progress) for k, d in data.items()} if cache is not None else {}
+    data['valid'] = data.get('valid', data['test'])
+    return data, skipped

@@ -16,7 +16,7 @@ from ...checkpoint import Checkpoint, load_checkpoint
 from ...runtime import resolve_device
 from .. import metrics
 from ..tasks import Task
-from .data import CACHE_BYTES, AudioCache, ClipData, choose_splits, make_loader, one_hot_targets, preload
+from .data import AudioCache, choose_splits, make_loader, split_data
 from .files import BestWeights, checkpoint_path, default_output_dir, model_name
 from .loop import fit, predict_logits
 from .model import FinetuneModel
@@ -102,17 +102,8 @@ def run_one(weights: str | Path, ckpt: Checkpoint, task: Task, output_dir: Path,
     name, sr = model_name(ckpt), ckpt.sample_rate
     unit_samples = int(round(task.unit_sec * sr))
     splits = choose_splits(task, s.valid_fraction, s.seed)
-    clips = {'train': splits.train, 'test': splits.test, **({} if splits.valid_is_test else {'valid': splits.valid})}
-    fits = s.workers == 0 and sum(len(v) for v in clips.values()) * unit_samples * 4 <= CACHE_BYTES
-    cache = (cache if cache is not None else {}) if fits else None
-    data = {k: ClipData(v, one_hot_targets(task, v), sr, unit_samples, random_crop=(k == 'train'), cache=cache)
-            for k, v in clips.items()}
-    data['valid'] = data.get('valid', data['test'])
-    skipped: dict[str, list[tuple[str, str]]] = {}
     t0 = time.perf_counter()
-    if cache is not None:
-        for k, d in clips.items():
-            skipped[k] = preload(data[k], k, s.progress)
+    data, skipped = split_data(task, splits, sr, unit_samples, s.workers, cache, s.progress)
     t_read = time.perf_counter() - t0
     if len(data['train']) < 2:
         raise FinetuneError(f'{task.source}: fine-tuning needs at least 2 train clips, got {len(data["train"])}')

@@ -56,6 +56,7 @@ from ..checkpoint import Checkpoint, ModelName, load_checkpoint, save_checkpoint
 from ..errors import M2DError
 from ..fileio import atomic_path
 from ..masking import gather_tokens, structured_mask
+from ..normstats import parse_mean_std
 from ..runtime import RuntimeM2D, resolve_device
 from ..vit import WIDTHS
 from . import metrics
@@ -126,13 +127,7 @@ def parse_norm_stats(spec: str | Iterable[float] | None) -> tuple[float, float] 
     """None (the weight file's), 'auto', or ``(mean, std)`` from ``'MEAN,STD'`` or a pair."""
     if spec is None or spec == 'auto':
         return spec
-    try:
-        values = [float(v) for v in (spec.split(',') if isinstance(spec, str) else spec)]
-    except (TypeError, ValueError):
-        values = []
-    if len(values) != 2 or not values[1] > 0:
-        raise FinetuneError(f'--norm_stats {spec}: expected auto or MEAN,STD with STD > 0 (e.g. -7.1,4.2)')
-    return values[0], values[1]
+    return parse_mean_std(spec, '--norm_stats', FinetuneError, expected='auto or MEAN,STD')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -116,12 +116,14 @@ def default_output_dir(weights: str | Path, task: Task) -> Path:
 
 def fold_tasks(task: Task, fold: str | int | None = None) -> list[tuple[str | None, Task]]:
     """The (fold id, task) pairs to probe: every fold as the test set in turn (a fold task), only `fold`
-    when given, or the task itself (fold id None) when it has a split."""
+    when given, or the task itself (fold id None) when it has a split (`fold` is then ignored)."""
+    if not task.folds:
+        if fold is not None:
+            log.warning('%s has a split, not folds: --fold %s is ignored for it', task.name, fold)
+        return [(None, task)]
     if fold is not None:
         return [(str(fold), task.for_fold(fold))]
-    if task.folds:
-        return [(f, task.for_fold(f)) for f in task.folds]
-    return [(None, task)]
+    return [(f, task.for_fold(f)) for f in task.folds]
 
 
 def split_features(task: Task, emb: Embeddings, layers: Sequence[int] | None = None) -> dict[str, Split | None]:

@@ -46,10 +46,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     ones), then mean ± std; gaps (tasks not evaluated) and errors listed below."""
     tasks, gaps = summary['tasks'], summary.get('gaps') or {}
 
-    def table(rows: list[dict], cell) -> list[str]:
+    def table(rows: list[dict], cell, evaluated: bool = True) -> list[str]:
         lines = ['| weight | ' + ' | '.join(tasks) + ' |', '|:---|' + '|'.join(':---' for _ in tasks) + '|']
         for row in rows:
-            cells = ['missing' if t in gaps else cell(row['results'].get(t)) for t in tasks]
+            cells = ['missing' if evaluated and t in gaps else cell(row['results'].get(t)) for t in tasks]
             lines.append(f'| {row["name"]} | ' + ' | '.join(cells) + ' |')
         return lines
 
@@ -59,7 +59,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     out += table(summary['rows'], lambda e: '-' if e is None else f'{100 * e["mean"]:.1f}%')
     if summary.get('published'):
         out += table([{'name': f'{p["name"]} (published)', 'results': p['results']} for p in summary['published']],
-                     lambda v: '-' if v is None else f'{v:.1f}%')[2:]
+                     lambda v: '-' if v is None else f'{v:.1f}%', evaluated=False)[2:]
         out += ['', 'Rows marked (published) are the seed README\'s results for the released weights (EVAR).']
     out += ['', 'Mean ± std over seeds:', '']
     out += table(summary['rows'], lambda e: '-' if e is None else pct(e))

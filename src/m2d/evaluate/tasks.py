@@ -24,9 +24,10 @@ Every problem with the input is a `TaskError` naming the file or argument.
 from __future__ import annotations
 
 import csv as csv_module
-import hashlib
-import logging
 import dataclasses
+import hashlib
+import json
+import logging
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence

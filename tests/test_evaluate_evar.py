@@ -133,3 +133,42 @@ def test_suite_evar_prints_the_seed_table_with_published_rows(tmp_path, ckpt, ca
     assert set(s['gaps']) == {'us8k', 'spcv2', 'vc1', 'voxforge', 'gtzan', 'nsynth', 'surge'}
     assert 'm2d datasets us8k' in s['gaps']['us8k'] and '## Gaps' in md
     assert len(s['published']) == 3
+
+
+def test_norm_stats_default_is_evars(tmp_path):
+    """EVAR with config/m2d.yaml: the weight file's norm_stats, else the yaml's -7.1, 4.2."""
+    import torch
+
+    from m2d.evaluate.linear import LinearOptions, choose_norm_stats, load_weights
+
+    with_stats = write_small_checkpoint(tmp_path / 'a', norm_stats=(-9.5, 3.5))
+    bare = write_small_checkpoint(tmp_path / 'b')
+    ckpt = torch.load(bare, weights_only=False)
+    del ckpt['model']['norm_stats']  # as the 2022 releases
+    torch.save(ckpt, bare)
+    opts = LinearOptions()
+    stats, source, note = choose_norm_stats(opts, load_weights(with_stats, opts), None)
+    assert stats == pytest.approx((-9.5, 3.5)) and source == 'weights' and 'checkpoint-1.pth' in note
+    stats, source, note = choose_norm_stats(opts, load_weights(bare, opts), None)
+    assert stats == (-7.1, 4.2) and source == 'default' and 'm2d.yaml' in note
+    given = LinearOptions(norm_stats='-5,2')
+    assert choose_norm_stats(given, load_weights(bare, given), None)[:2] == ((-5.0, 2.0), 'given')
+
+
+def test_one_mean_std_parser_for_every_option():
+    from m2d.errors import M2DError
+    from m2d.normstats import parse_mean_std
+    from m2d.superb import SuperbError
+    from m2d.superb.tasks import parse_stats
+    from m2d.train.config import ConfigError
+
+    for text in ('-7.1,4.2', '-7.1, 4.2', '[-7.1, 4.2]', '-7.1 4.2', (-7.1, 4.2)):
+        assert parse_mean_std(text) == (-7.1, 4.2)
+    for bad in ('-7.1', '1,2,3', 'a,b', '-7.1,0', '-7.1,-1', 'nan,1', ''):
+        with pytest.raises(M2DError, match='--norm_stats .*MEAN,STD'):
+            parse_mean_std(bad)
+    with pytest.raises(SuperbError, match='--stats'):
+        parse_stats('1,0')
+    assert parse_stats('-11.506255,4.314857') == ('-11.506255', '4.314857')  # kept as spelled
+    with pytest.raises(ConfigError):
+        parse_mean_std('x', '--norm_stats', ConfigError)

@@ -551,13 +551,14 @@ def test_cli_fold_and_valid_fraction(setup, tmp_path, capsys):
     root, ckpt, _ = setup
     need(FSDD)
     csv = write_fold_csv(tmp_path)
-    common = ['finetune', '--weights', str(ckpt), '--csv', str(csv), '--data_dir', str(FSDD), '--unit_sec', '0.3',
+    common = ['finetune', '--weights', str(ckpt), '--task', 'esc50', '--csv', str(csv), '--data_dir', str(FSDD),
+              '--unit_sec', '0.3',  # EVAR's task by name (its 5 s unit overridden to keep the test small)
               '--epochs', '1', '--batch_size', '8', '--lr', '0.01', '--fold', '2', '--quiet']
     assert main(common + ['--output_dir', str(tmp_path / 'a')]) == 0
     out = capsys.readouterr().out
     assert 'the mean over folds (2: ' in out and 'validated on test: optimistic' in out
     report = json.loads((tmp_path / 'a' / 'report.json').read_text())
-    assert report['task']['folds'] == ['2'] and report['settings']['fold'] == '2'
+    assert report['task']['folds'] == ['2'] and report['settings']['fold'] == '2' and report['task']['name'] == 'esc50'
     assert main(common + ['--valid_fraction', '0.25', '--output_dir', str(tmp_path / 'b')]) == 0
     assert 'validated on a carved part of train' in capsys.readouterr().out
     fold = json.loads((tmp_path / 'b' / 'fold2' / 'report.json').read_text())

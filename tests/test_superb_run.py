@@ -83,7 +83,7 @@ def test_run_options(capsys, tmp_path):
 @pytest.mark.parametrize('args, message', [
     (['XX', '--ckpt', CKPT], 'not one of the SUPERB tasks'),
     (['KS', '--ckpt', CKPT, '--stats', '1'], 'expected MEAN,STD'),
-    (['KS', '--ckpt', CKPT, '--stats=-11,0'], 'STD positive'),
+    (['KS', '--ckpt', CKPT, '--stats=-11,0'], 'STD > 0'),
     (['KS', '--ckpt', CKPT, '--lr', 'fast'], 'not a number'),
     (['KS', '--ckpt', CKPT, '--folds', 'fold1'], 'only ER'),
     (['ER', '--ckpt', CKPT, '--folds', 'fold9'], 'fold9'),

@@ -20,9 +20,9 @@ examples:
       --epochs 20 --lr 0.5 --batch_size 32
   # EVAR: python finetune.py config/m2d.yaml esc50 weight_file=W --lr 0.5 --freq_mask 0 --time_mask 0
   #       --training_mask 0.5 --mixup 0.0 --rrc True --seed 0
-  m2d finetune --weights W --csv evar/metadata/esc50.csv --data_dir work/16k/esc50 --unit_sec 5 \\
+  m2d finetune --weights W --task esc50 --csv evar/metadata/esc50.csv --data_dir work/16k/esc50 \\
       --lr 0.5 --freq_mask 0 --time_mask 0 --training_mask 0.5 --mixup 0.0 --rrc True --seed 0  # all 5 folds
-  m2d finetune --weights W --csv vc1.csv --data_dir work/16k/vc1 --unit_sec 8.2 --optim adamw --lr 0.001 \\
+  m2d finetune --weights W --task vc1 --csv vc1.csv --data_dir work/16k/vc1 --optim adamw --lr 0.001 \\
       --freq_mask 0 --time_mask 0 --training_mask 0.0 --mixup 0.0 --rrc False --seed 0
 """
 
@@ -42,7 +42,9 @@ def boolean(value: str) -> bool:
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """Task selection, as `m2d linear-eval`: --task NAME --data_dir DIR | --csv FILE --data_dir DIR | --data_dir DIR."""
     g = parser.add_argument_group('task')
-    g.add_argument('--task', default=None, metavar='NAME', help='built-in task: fsdd-digits or fsdd-speakers')
+    g.add_argument('--task', default=None, metavar='NAME',
+                   help="one of EVAR's tasks (esc50, us8k, ..., with EVAR's unit length; read from DATA_DIR/NAME.csv "
+                        'or --csv) or a built-in one (fsdd-digits, fsdd-speakers)')
     g.add_argument('--csv', default=None, metavar='FILE',
                    help='task CSV with columns file_name,label[,split] (EVAR metadata files work as they are)')
     g.add_argument('--data_dir', '--data-dir', dest='data_dir', default=None, metavar='DIR',

@@ -19,7 +19,6 @@ the zero padding of short clips is only reached by clips shorter than a crop.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..normstats import parse_mean_std
 from .datasets import EPS, LMSDataset, NoiseMixDataset, compute_norm_stats, inflate_files, log_mix_exp
 from .filelist import DataError, guess_data_root, read_file_list
 from .stats import RunningStats
@@ -200,12 +200,7 @@ def _size(value: Any, name: str) -> tuple[int, int]:
 def _stats(value: Any) -> tuple[float, float] | None:
     if value is None or value == '' or (isinstance(value, str) and value.lower() == 'none'):
         return None
-    if isinstance(value, str):
-        value = [v for v in value.replace(',', ' ').split() if v]
-    vals = [float(v) for v in value]
-    if len(vals) != 2 or not math.isfinite(vals[0]) or not vals[1] > 0:
-        raise ValueError(f'--norm_stats {value!r}: expected MEAN,STD with STD > 0')
-    return vals[0], vals[1]
+    return parse_mean_std(value, '--norm_stats', ValueError)
 
 
 def build_speech_dataset(args: Any) -> Dataset:

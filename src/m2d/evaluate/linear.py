@@ -1,12 +1,14 @@
-"""Linear evaluation of weight files on a task: embeddings -> linear probe over seeds -> report.
+"""Linear evaluation of weight files on a task, EVAR's protocol: embeddings -> linear probe -> report.
 
     >>> report = linear_eval('run/checkpoint-300.pth', load_task('fsdd-digits', data_dir='fsdd'))
     >>> report['model'], report['random'], report['logmel']   # {'mean', 'std', 'per_seed'} each
 
-For each weight file: load it once, pick the normalization statistics (the file's, or ``'auto'``:
-computed on the train split), extract the clip embeddings (cached), train the linear probe with
-every seed, and do the same for the two baselines (raw log-mel statistics and a random encoder of
-the same shape). Unreadable clips are skipped and counted in the report; a test clip that could
+For each weight file: load it once, pick the normalization statistics (the file's, as EVAR, or
+``'auto'``: computed on the train split), extract the clip embeddings once (cached), train EVAR's
+linear probe (`probe`) with every seed on every fold (a fold task runs each fold as the test set in
+turn, reusing the same embeddings; the score is the mean over folds, ``per_fold`` in the report),
+and do the same for the two baselines (raw log-mel statistics and a random encoder of the same
+shape). Unreadable clips are skipped and counted in the report; a test clip that could
 not be read is flagged prominently, and more than `max_failed` of the task is an error. The report
 goes to ``OUTPUT_DIR/report.json`` and ``report.md`` (with figures when matplotlib is installed).
 Several weight files are evaluated one after the other and compared in ``summary.md``/``.json``.
@@ -29,11 +31,13 @@ import torch
 from .. import __version__
 from ..errors import M2DError
 from ..fileio import atomic_path
+from ..normstats import parse_mean_std
 from . import metrics
 from .embed import (EmbeddingError, Embeddings, auto_norm_stats, file_sha256, logmel_embeddings, model_embeddings,
                     parse_layers)
-from .probe import ProbeResult, Split, probe
+from .probe import ADAM_BETAS, ADAM_EPS, ProbeResult, Split, probe
 from .report import pct
+from .summary import write_summary
 from .tasks import SPLITS, Task
 
 log = logging.getLogger(__name__)
@@ -49,10 +53,12 @@ class LinearOptions:
     per_layer: bool = False                    # one result per layer (and a plot against depth)
     seeds: int = 3
     seed: int = 0                              # first probe seed (seeds are seed, seed+1, ...)
-    lr: float = 3e-5
-    epochs: int = 200
-    patience: int = 20
-    batch_size: int = 128
+    lr: float = 3e-5                           # EVAR's lr_lineareval (config/m2d.yaml)
+    epochs: int = 200                          # max_iter
+    patience: int = 20                         # n_iter_no_change (early_stop_epochs)
+    batch_size: int | None = None              # None: EVAR's min(200, N)
+    weight_decay: float = 1e-8                 # the classifier's alpha
+    fold: str | None = None                    # one fold of a fold task (default: every fold)
     norm_stats: str | Sequence[float] | None = None  # None: the weight file's; 'auto': the train split's
     baselines: bool = True
     random_seed: int = 0                       # initialization of the random encoder
@@ -74,11 +80,18 @@ class LinearOptions:
             raise M2DError(f'linear_eval: unknown option(s) {", ".join(unknown)} (known: {", ".join(sorted(names))})')
         opts = cls(**options)
         for name in ('seeds', 'epochs', 'patience', 'batch_size', 'embed_batch_size'):
-            if getattr(opts, name) < 1:
+            if getattr(opts, name) is not None and getattr(opts, name) < 1:
                 raise M2DError(f'--{name} {getattr(opts, name)}: must be at least 1')
         if not opts.lr > 0:
             raise M2DError(f'--lr {opts.lr}: must be positive')
+        if not opts.weight_decay >= 0:
+            raise M2DError(f'--weight_decay {opts.weight_decay}: must be 0 or more')
+        if opts.fold is not None:
+            opts.fold = str(opts.fold)
         return opts
+
+
+PROBE_OPTIONS = ('seeds', 'seed', 'lr', 'epochs', 'patience', 'batch_size', 'weight_decay', 'fold')
 
 
 def weights_name(path: str | Path) -> str:
@@ -98,15 +111,30 @@ def default_output_dir(weights: str | Path, task: Task) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# probing embeddings
+# probing embeddings, fold by fold
 
 
-def split_features(task: Task, emb: Embeddings, layers: Sequence[int] | None = None) -> dict[str, Split]:
+def fold_tasks(task: Task, fold: str | int | None = None) -> list[tuple[str | None, Task]]:
+    """The (fold id, task) pairs to probe: every fold as the test set in turn (a fold task), only `fold`
+    when given, or the task itself (fold id None) when it has a split (`fold` is then ignored)."""
+    if not task.folds:
+        if fold is not None:
+            log.warning('%s has a split, not folds: --fold %s is ignored for it', task.name, fold)
+        return [(None, task)]
+    if fold is not None:
+        return [(str(fold), task.for_fold(fold))]
+    return [(f, task.for_fold(f)) for f in task.folds]
+
+
+def split_features(task: Task, emb: Embeddings, layers: Sequence[int] | None = None) -> dict[str, Split | None]:
     """Train/valid/test features (the vectors of `layers` concatenated; default all of `emb`) and
-    targets (clips that failed are left out)."""
-    out = {}
+    targets (clips that failed are left out); valid is None when the task has no valid split."""
+    out: dict[str, Split | None] = {}
     for s in SPLITS:
         clips = task.split(s)
+        if s == 'valid' and not clips:
+            out[s] = None  # the probe carves EVAR's 10 % from train
+            continue
         x, present = emb.features(clips, layers)
         out[s] = Split(x, task.targets(clips)[present])
         if len(x) == 0:
@@ -114,13 +142,47 @@ def split_features(task: Task, emb: Embeddings, layers: Sequence[int] | None = N
     return out
 
 
-def run_probe(task: Task, emb: Embeddings, opts: LinearOptions, device: str, desc: str,
-              layers: Sequence[int] | None = None) -> ProbeResult:
-    """The linear probe with every seed on `emb` (the vectors of `layers` concatenated; default all)."""
-    sp = split_features(task, emb, layers)
-    return probe(sp['train'], sp['valid'], sp['test'], multilabel=task.multilabel, n_classes=len(task.classes),
-                 seeds=opts.seeds, seed=opts.seed, lr=opts.lr, epochs=opts.epochs, patience=opts.patience,
-                 batch_size=opts.batch_size, device=device, progress=opts.progress, desc=desc)
+@dataclass
+class FoldResults:
+    """Probe results of one representation: one `ProbeResult` per fold (a single one without folds)."""
+
+    folds: list[str | None]
+    results: list[ProbeResult]
+    targets: list[np.ndarray]      # per fold: the test targets of the embedded test clips
+
+    @property
+    def per_seed(self) -> list[float]:
+        """One score per seed: its mean over folds."""
+        return [float(v) for v in np.mean([r.per_seed for r in self.results], axis=0)]
+
+    @property
+    def fits(self) -> list:
+        return [f for r in self.results for f in r.fits]
+
+    def summary(self) -> dict[str, Any]:
+        """``{'mean', 'std', 'per_seed'}`` over seeds (+ ``'per_fold'``, each the mean over seeds, with folds)."""
+        per_seed = self.per_seed
+        out = {'mean': float(np.mean(per_seed)),
+               'std': float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0, 'per_seed': per_seed}
+        if self.folds != [None]:
+            out['per_fold'] = [r.mean for r in self.results]
+        return out
+
+
+def run_probe(tasks: list[tuple[str | None, Task]], emb: Embeddings, opts: LinearOptions, device: str, desc: str,
+              layers: Sequence[int] | None = None) -> FoldResults:
+    """The linear probe with every seed on every fold of `tasks` (the vectors of `layers` concatenated;
+    default all). The embeddings are the same for every fold: computed once per clip."""
+    results, targets = [], []
+    for fold, task in tasks:
+        sp = split_features(task, emb, layers)
+        name = desc if fold is None else f'{desc} fold {fold}'
+        results.append(probe(sp['train'], sp['valid'], sp['test'], multilabel=task.multilabel,
+                             n_classes=len(task.classes), seeds=opts.seeds, seed=opts.seed, lr=opts.lr,
+                             epochs=opts.epochs, patience=opts.patience, batch_size=opts.batch_size,
+                             weight_decay=opts.weight_decay, device=device, progress=opts.progress, desc=name))
+        targets.append(sp['test'].y)
+    return FoldResults([f for f, _ in tasks], results, targets)
 
 
 def check_failures(task: Task, emb: Embeddings, max_failed: float) -> dict[str, Any]:
@@ -151,24 +213,26 @@ def check_failures(task: Task, emb: Embeddings, max_failed: float) -> dict[str, 
     return info
 
 
-def _class_results(task: Task, result: ProbeResult, emb: Embeddings) -> tuple[dict[str, float | None], list | None]:
-    """Per-class accuracy (single-label; per-class AP for multi-label), averaged over seeds, and the
-    confusion matrix of the first seed (single-label only)."""
-    test = task.split('test')
-    _, present = emb.features(test)
-    y = task.targets(test)[present]
+def _class_results(task: Task, result: FoldResults) -> tuple[dict[str, float | None], list | None]:
+    """Per-class accuracy (single-label; per-class AP for multi-label) over the test clips of every fold,
+    averaged over seeds, and the confusion matrix of the first seed (single-label only)."""
+    y = np.concatenate(result.targets)
+    n_seeds = len(result.results[0].fits)
+    scores = [np.concatenate([r.fits[s].test_scores for r in result.results]) for s in range(n_seeds)]
     C = len(task.classes)
     if task.multilabel:
-        per = np.nanmean([metrics.class_average_precision(y, f.test_scores) for f in result.fits], axis=0)
+        per = np.nanmean([metrics.class_average_precision(y, sc) for sc in scores], axis=0)
         return {c: (None if np.isnan(v) else float(v)) for c, v in zip(task.classes, per)}, None
-    per = np.mean([metrics.class_accuracy(y, f.test_scores.argmax(1), C) for f in result.fits], axis=0)
-    cm = metrics.confusion_matrix(y, result.fits[0].test_scores.argmax(1), C)
+    per = np.mean([metrics.class_accuracy(y, sc.argmax(1), C) for sc in scores], axis=0)
+    cm = metrics.confusion_matrix(y, scores[0].argmax(1), C)
     return {c: (None if np.isnan(v) else float(v)) for c, v in zip(task.classes, per)}, cm.tolist()
 
 
-def _entry(result: ProbeResult, emb: Embeddings) -> dict[str, Any]:
-    return {**result.summary(), 'valid': [f.valid for f in result.fits], 'best_epoch': [f.best_epoch for f in result.fits],
-            'epochs_run': [f.epochs_run for f in result.fits], 'dim': emb.dim}
+def _entry(result: FoldResults, dim: int) -> dict[str, Any]:
+    fits = result.fits
+    return {**result.summary(), 'valid': [f.valid for f in fits], 'best_epoch': [f.best_epoch for f in fits],
+            'epochs_run': [f.epochs_run for f in fits], 'batch_size': sorted({f.batch_size for f in fits}),
+            'n_valid': [f.n_valid for f in fits], 'dim': dim}
 
 
 def convergence_note(name: str, entry: dict[str, Any], opts: LinearOptions) -> str | None:
@@ -182,147 +246,209 @@ def convergence_note(name: str, entry: dict[str, Any], opts: LinearOptions) -> s
     return None
 
 
+def protocol(opts: LinearOptions) -> dict[str, Any]:
+    """The probe's settings as report.json lists them, and whether they are EVAR's."""
+    evar = {'lr': 3e-5, 'epochs': 200, 'patience': 20, 'batch_size': None, 'weight_decay': 1e-8}
+    changed = sorted(k for k, v in evar.items() if getattr(opts, k) != v)
+    return {'name': 'EVAR protocol' + (f' (changed: {", ".join(changed)})' if changed else ''),
+            'classifier': "TorchMLPClassifier2(hidden_layer_sizes=(), max_iter=epochs, early_stopping=True, "
+                          "n_iter_no_change=patience, standard_scaler=True, mixup=False), as EVAR's lineareval.py",
+            'lr': opts.lr, 'max_epochs': opts.epochs, 'early_stop_patience': opts.patience,
+            'batch_size': opts.batch_size or 'min(200, N)', 'optimizer': 'Adam', 'betas': list(ADAM_BETAS),
+            'eps': ADAM_EPS, 'weight_decay': opts.weight_decay, 'scaler': 'StandardScaler (train statistics)',
+            'loss': 'cross-entropy / classes (single-label), BCE on sigmoid (multi-label)',
+            'early_stopping': 'validation metric >= best (ties move to the later epoch); stop after `patience` '
+                              'epochs without improvement; best-validation weights are tested',
+            'validation': "the task's valid split; without one, a random 10 % of train with every class present "
+                          '(train_test_sure_split, 100 draws)',
+            'folds': 'every fold is the test set in turn; the task score is the mean over folds'}
+
+
 # ---------------------------------------------------------------------------------------------
-# one weight file
+# one weight file: load -> statistics -> embed -> probe -> baselines -> report
 
 
 _BASELINE_MEMO: dict[str, tuple[dict, float, float, bool]] = {}  # same baseline, same task, same options
 
 
-def _norm_stats(opts: LinearOptions, runtime, task: Task) -> tuple[tuple[float, float], str]:
-    if opts.norm_stats is None:
-        return tuple(float(v) for v in runtime.norm_stats.tolist()), 'weights'
-    if isinstance(opts.norm_stats, str):
-        if opts.norm_stats.strip().lower() == 'auto':
-            return auto_norm_stats(runtime, task, seed=opts.seed, cache_dir=opts.cache_dir, use_cache=opts.use_cache,
-                                   progress=opts.progress), 'auto (train split)'
-        try:
-            values = [float(v) for v in opts.norm_stats.split(',')]
-        except ValueError:
-            values = []
-    else:
-        values = [float(v) for v in opts.norm_stats]
-    if len(values) != 2 or not values[1] > 0:
-        raise M2DError(f'--norm_stats {opts.norm_stats!r}: expected "auto" or MEAN,STD (STD > 0)')
-    return (values[0], values[1]), 'given'
+@dataclass
+class Loaded:
+    """A weight file ready to embed with."""
+
+    path: Path
+    ckpt: Any        # m2d.checkpoint.Checkpoint
+    runtime: Any     # m2d.runtime.RuntimeM2D
+    sha256: str
+    name: str
+
+
+def load_weights(weights: str | Path, opts: LinearOptions) -> Loaded:
+    """Resolve (released names too), read and wrap a weight file in a `RuntimeM2D`."""
+    from .. import hub
+    from ..checkpoint import load_checkpoint
+    from ..runtime import RuntimeM2D
+
+    path = hub.weights_path(weights)
+    ckpt = load_checkpoint(path, trust=opts.trust)
+    return Loaded(path, ckpt, RuntimeM2D(checkpoint=ckpt, bf16=opts.bf16), file_sha256(path), weights_name(path))
+
+
+def choose_norm_stats(opts: LinearOptions, loaded: Loaded, task: Task) -> tuple[tuple[float, float], str, str]:
+    """The normalization statistics, their source ('weights', 'default', 'auto (train split)' or 'given')
+    and a sentence saying so. Default as EVAR with config/m2d.yaml: the weight file's ``norm_stats``
+    (the reference's get_backbone writes them over the yaml's mean/std and AR_M2D.precompute keeps
+    them), or the yaml's -7.1, 4.2 for a file without them (the 2022 releases)."""
+    from ..checkpoint import DEFAULT_NORM_STATS
+
+    spec = opts.norm_stats
+    if spec is None:
+        if loaded.ckpt.has_norm_stats:
+            return tuple(loaded.ckpt.norm_stats), 'weights', f'from the weight file ({loaded.path.name}), as EVAR'
+        return (tuple(DEFAULT_NORM_STATS), 'default',
+                "the weight file has none: EVAR's config/m2d.yaml values -7.1, 4.2, as EVAR")
+    if isinstance(spec, str) and spec.strip().lower() == 'auto':
+        stats = auto_norm_stats(loaded.runtime, task, seed=opts.seed, cache_dir=opts.cache_dir,
+                                use_cache=opts.use_cache, progress=opts.progress)
+        return stats, 'auto (train split)', 'computed on the train split (--norm_stats auto; not EVAR)'
+    return (parse_mean_std(spec, '--norm_stats', expected='"auto" or MEAN,STD'), 'given',
+            'given with --norm_stats (not EVAR)')
+
+
+def embed_model(loaded: Loaded, task: Task, opts: LinearOptions, device: str,
+                layers: list[int] | None) -> Embeddings:
+    """The model's clip embeddings of every clip (all folds share them), cached."""
+    return model_embeddings(loaded.runtime, task, identity={'weights_sha256': loaded.sha256}, layers=layers,
+                            batch_size=opts.embed_batch_size, device=device, cache_dir=opts.cache_dir,
+                            use_cache=opts.use_cache, progress=opts.progress)
+
+
+def probe_baselines(loaded: Loaded, task: Task, folds: list[tuple[str | None, Task]], opts: LinearOptions,
+                    device: str, layers: list[int] | None, stats: tuple[float, float],
+                    timings: dict[str, Any]) -> dict[str, dict]:
+    """Log-mel and random-encoder entries (memoized across weight files of the same geometry)."""
+    from .baselines import random_identity, random_runtime
+
+    out = {}
+    rand_identity = random_identity(loaded.ckpt, opts.random_seed)
+    for kind in ('logmel', 'random'):
+        t0 = time.perf_counter()
+        memo_key = json.dumps([kind, task.fingerprint(), [f for f, _ in folds], task.unit_sec,
+                               rand_identity if kind == 'random' else loaded.ckpt.sample_rate, layers, stats,
+                               opts.bf16, {k: v for k, v in asdict(opts).items() if k in PROBE_OPTIONS}],
+                              sort_keys=True, default=str)
+        if memo_key in _BASELINE_MEMO:
+            entry, embed_s, probe_s, cached = _BASELINE_MEMO[memo_key]
+            cached = True  # not recomputed; the times are those of the first computation
+            log.info('%s baseline: reused from the evaluation of an earlier weight file', kind)
+        else:
+            if kind == 'logmel':
+                emb = logmel_embeddings(task, loaded.ckpt.sample_rate, cache_dir=opts.cache_dir,
+                                        use_cache=opts.use_cache, progress=opts.progress)
+            else:
+                emb = model_embeddings(random_runtime(loaded.runtime, loaded.ckpt, opts.random_seed), task,
+                                       name='random', identity=rand_identity, layers=layers,
+                                       batch_size=opts.embed_batch_size, device=device, cache_dir=opts.cache_dir,
+                                       use_cache=opts.use_cache, progress=opts.progress)
+            check_failures(task, emb, opts.max_failed)
+            embed_s, cached = emb.seconds, emb.cached
+            t1 = time.perf_counter()
+            entry = _entry(run_probe(folds, emb, opts, device, f'{kind} baseline'), emb.dim)
+            probe_s = time.perf_counter() - t1
+            _BASELINE_MEMO[memo_key] = (entry, embed_s, probe_s, cached)
+        out[kind] = entry
+        timings[f'embed_{kind}_s'] = embed_s
+        timings[f'embed_{kind}_cached'] = cached
+        timings[f'probe_{kind}_s'] = probe_s
+        log.debug('%s baseline: %.1f s', kind, time.perf_counter() - t0)
+    return out
+
+
+def task_info(task: Task, folds: list[tuple[str | None, Task]]) -> dict[str, Any]:
+    """report.json's ``task``: what was evaluated, its folds, and the data's license and citation."""
+    info = {'name': task.name, 'source': task.source, 'classes': task.classes, 'multilabel': task.multilabel,
+            'unit_sec': task.unit_sec, 'clips': task.counts(), 'notes': task.notes}
+    if task.folds:
+        info['folds'] = [f for f, _ in folds]
+        info['all_folds'] = task.folds
+        info['clips'] = {f: t.counts()['test'] for f, t in folds}  # test clips per fold
+    for key in ('license', 'citation', 'source_url'):
+        if task.prepared.get(key):
+            info[key] = task.prepared[key]
+    return info
 
 
 def evaluate_weights(weights: str | Path, task: Task, output_dir: str | Path | None, opts: LinearOptions) -> dict:
-    """Linear evaluation of one weight file on `task`; writes and returns the report."""
-    from .. import hub
-    from ..checkpoint import load_checkpoint
-    from ..runtime import RuntimeM2D, resolve_device
-    from .baselines import random_identity, random_runtime
+    """Linear evaluation of one weight file on `task` (every fold of a fold task); writes and returns the
+    report. The steps: load -> normalization statistics -> embed -> probe -> baselines -> report."""
+    from ..runtime import resolve_device
 
-    t_start = time.perf_counter()
+    clock = time.perf_counter()
     timings: dict[str, Any] = {}
     device = str(resolve_device(opts.device))
-    path = hub.weights_path(weights)
-    t0 = time.perf_counter()
-    ckpt = load_checkpoint(path, trust=opts.trust)
-    runtime = RuntimeM2D(checkpoint=ckpt, bf16=opts.bf16)
-    timings['load_s'] = time.perf_counter() - t0
+    folds = fold_tasks(task, opts.fold)
+
+    loaded = load_weights(weights, opts)
+    timings['load_s'] = time.perf_counter() - clock
 
     t0 = time.perf_counter()
-    stats, stats_source = _norm_stats(opts, runtime, task)
-    runtime.norm_stats.copy_(torch.tensor(stats))
+    stats, stats_source, stats_note = choose_norm_stats(opts, loaded, task)
+    loaded.runtime.norm_stats.copy_(torch.tensor(stats))
     timings['norm_stats_s'] = time.perf_counter() - t0
+    log.info('%s: normalization mean %.4f, std %.4f %s', loaded.name, *stats, stats_note)
 
-    depth = runtime.cfg.depth
+    depth = loaded.runtime.cfg.depth
     layers = parse_layers(opts.layers, depth)  # None: the last layer (the final output)
     model_layers = layers if layers is not None else [depth - 1]
-    extract = (layers or list(range(depth))) if opts.per_layer else layers
-    sha = file_sha256(path)
-    emb = model_embeddings(runtime, task, identity={'weights_sha256': sha}, layers=extract,
-                           batch_size=opts.embed_batch_size, device=device, cache_dir=opts.cache_dir,
-                           use_cache=opts.use_cache, progress=opts.progress)
-    timings['embed_model_s'] = emb.seconds
-    timings['embed_model_cached'] = emb.cached
-    timings['embed_clips_per_s'] = len(emb.keys) / emb.seconds if emb.seconds > 0 else None
+    emb = embed_model(loaded, task, opts, device, (layers or list(range(depth))) if opts.per_layer else layers)
+    timings.update(embed_model_s=emb.seconds, embed_model_cached=emb.cached,
+                   embed_clips_per_s=len(emb.keys) / emb.seconds if emb.seconds > 0 else None)
     skipped = check_failures(task, emb, opts.max_failed)
 
+    t0 = time.perf_counter()
+    result = run_probe(folds, emb, opts, device, loaded.name, layers=model_layers)  # layers concatenated
+    dim = emb.x.shape[2] * len(model_layers)
     report: dict[str, Any] = {
-        'task': {'name': task.name, 'source': task.source, 'classes': task.classes, 'multilabel': task.multilabel,
-                 'unit_sec': task.unit_sec, 'clips': task.counts(), 'notes': task.notes},
-        'weights': str(path),
-        'weights_name': weights_name(path),
-        'weights_sha256': sha,
+        'task': task_info(task, folds), 'weights': str(loaded.path), 'weights_name': loaded.name,
+        'weights_sha256': loaded.sha256, 'protocol': protocol(opts),
         'settings': {**{k: v for k, v in asdict(opts).items() if k not in ('progress', 'cache_dir', 'use_cache')},
                      'layers': model_layers, 'device': device,
-                     'norm_stats': list(stats), 'norm_stats_source': stats_source,
-                     'geometry': {'input_size': list(ckpt.vit.input_size), 'patch_size': list(ckpt.vit.patch_size),
-                                  'embed_dim': ckpt.vit.embed_dim, 'depth': depth, 'sample_rate': ckpt.sample_rate},
-                     'embedding_dim': emb.x.shape[2] * len(model_layers)},
+                     'norm_stats': list(stats), 'norm_stats_source': stats_source, 'norm_stats_note': stats_note,
+                     'geometry': {'input_size': list(loaded.ckpt.vit.input_size),
+                                  'patch_size': list(loaded.ckpt.vit.patch_size),
+                                  'embed_dim': loaded.ckpt.vit.embed_dim, 'depth': depth,
+                                  'sample_rate': loaded.ckpt.sample_rate},
+                     'embedding_dim': dim},
         'metric': 'mAP' if task.multilabel else 'accuracy',
+        'model': _entry(result, dim),
     }
-
-    t0 = time.perf_counter()
-    name = weights_name(path)
-    result = run_probe(task, emb, opts, device, name, layers=model_layers)  # concatenated
-    report['model'] = {**_entry(result, emb), 'dim': emb.x.shape[2] * len(model_layers)}
     timings['probe_model_s'] = time.perf_counter() - t0
     if opts.per_layer:
         t0 = time.perf_counter()
-        report['per_layer'] = []
-        for layer in emb.layers:
-            r = run_probe(task, emb, opts, device, f'{name} layer {layer}', layers=[layer])
-            report['per_layer'].append({'layer': layer, **r.summary()})
+        report['per_layer'] = [{'layer': layer, **run_probe(folds, emb, opts, device, f'{loaded.name} layer {layer}',
+                                                            layers=[layer]).summary()} for layer in emb.layers]
         timings['probe_per_layer_s'] = time.perf_counter() - t0
-    report['class_accuracy'], report['confusion_matrix'] = _class_results(task, result, emb)
+    report['class_accuracy'], report['confusion_matrix'] = _class_results(task, result)
     if task.multilabel:
         report['class_metric'] = 'AP'
 
-    embeddings = {'model': emb}
     if opts.baselines:
-        baseline_layers = None if layers is None else list(layers)
-        rand_identity = random_identity(ckpt, opts.random_seed)
-        for kind in ('logmel', 'random'):
-            t0 = time.perf_counter()
-            memo_key = json.dumps([kind, task.fingerprint(), task.unit_sec, rand_identity if kind == 'random' else
-                                   ckpt.sample_rate, baseline_layers, stats, opts.bf16,
-                                   {k: v for k, v in asdict(opts).items() if k in ('seeds', 'seed', 'lr', 'epochs',
-                                                                                   'patience', 'batch_size')}],
-                                  sort_keys=True, default=str)
-            if memo_key in _BASELINE_MEMO:
-                entry, embed_s, probe_s, _ = _BASELINE_MEMO[memo_key]
-                cached = True  # not recomputed; the times are those of the first computation
-                log.info('%s baseline: reused from the evaluation of an earlier weight file', kind)
-            else:
-                if kind == 'logmel':
-                    b_emb = logmel_embeddings(task, ckpt.sample_rate, cache_dir=opts.cache_dir,
-                                              use_cache=opts.use_cache, progress=opts.progress)
-                else:
-                    b_emb = model_embeddings(random_runtime(runtime, ckpt, opts.random_seed), task, name='random',
-                                             identity=rand_identity, layers=baseline_layers,
-                                             batch_size=opts.embed_batch_size, device=device,
-                                             cache_dir=opts.cache_dir, use_cache=opts.use_cache,
-                                             progress=opts.progress)
-                check_failures(task, b_emb, opts.max_failed)
-                embed_s, cached = b_emb.seconds, b_emb.cached
-                t1 = time.perf_counter()
-                entry = _entry(run_probe(task, b_emb, opts, device, f'{kind} baseline'), b_emb)
-                probe_s = time.perf_counter() - t1
-                _BASELINE_MEMO[memo_key] = (entry, embed_s, probe_s, cached)
-                embeddings[kind] = b_emb
-            report[kind] = entry
-            timings[f'embed_{kind}_s'] = embed_s
-            timings[f'embed_{kind}_cached'] = cached
-            timings[f'probe_{kind}_s'] = probe_s
+        report.update(probe_baselines(loaded, task, folds, opts, device, None if layers is None else list(layers),
+                                      stats, timings))
 
     report['skipped'] = skipped
     notes = [convergence_note(k, report[k], opts) for k in ('model', 'random', 'logmel') if k in report]
     report['notes'] = [n for n in notes if n]
     for note in report['notes']:
         log.warning('%s', note)
-    timings['total_s'] = time.perf_counter() - t_start
+    timings['total_s'] = time.perf_counter() - clock
     report['timings'] = timings
     report['created'] = datetime.now(timezone.utc).isoformat(timespec='seconds')
     report['m2d_version'] = __version__
 
-    out = Path(output_dir) if output_dir is not None else default_output_dir(path, task)
+    out = Path(output_dir) if output_dir is not None else default_output_dir(loaded.path, task)
     report['output_dir'] = str(out)
-    write_report(report, out, task, emb, figures=opts.figures)
-    log.info('%s on %s: %s %s (log-mel %s, random %s) -> %s', name, task.name, report['metric'],
+    write_report(report, out, folds[0][1], emb, figures=opts.figures)
+    log.info('%s on %s: %s %s (log-mel %s, random %s) -> %s', loaded.name, task.name, report['metric'],
              pct(report['model']), pct(report.get('logmel')), pct(report.get('random')), out / 'report.json')
     return report
 
@@ -373,8 +499,6 @@ def linear_eval(weights: str | Path | Sequence[str | Path], task: Task, output_d
         raise M2DError('--weights: no weight file given')
     if len(weights) == 1:
         return evaluate_weights(weights[0], task, output_dir, opts)
-    from .suite import write_summary
-
     reports, names = [], [weights_name(w) for w in weights]
     for i, w in enumerate(weights):
         sub = names[i] if names.count(names[i]) == 1 else f'{names[i]}-{i + 1}'

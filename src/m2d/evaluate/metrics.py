@@ -38,11 +38,11 @@ def class_average_precision(y_true: np.ndarray, scores: np.ndarray) -> np.ndarra
 
 
 def mean_average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """mAP of a multi-label task: the mean of the per-class APs over classes with positives.
-    `y_true` ``[N, C]`` in {0, 1}, `scores` ``[N, C]``."""
+    """mAP of a multi-label task as EVAR computes it: ``average_precision_score(average=None).mean()``,
+    the macro mean over all classes, where scikit-learn scores a class without positives 0 (its
+    recall is set to one at every threshold). `y_true` ``[N, C]`` in {0, 1}, `scores` ``[N, C]``."""
     ap = class_average_precision(y_true, scores)
-    ap = ap[~np.isnan(ap)]
-    return float(ap.mean()) if len(ap) else float('nan')
+    return float(np.nan_to_num(ap, nan=0.0).mean()) if ap.size else float('nan')
 
 
 def score(y_true: np.ndarray, scores: np.ndarray, multilabel: bool) -> float:

@@ -47,27 +47,43 @@ def markdown(report: dict[str, Any]) -> str:
             rows.append([ROW_NAMES[key], f'**{pct(e)}**' if key == 'model' else pct(e), e.get('dim', ''),
                          ', '.join(f'{100 * v:.2f}' for v in e['per_seed'])])
     out += _table(['representation', f'test {metric} (mean ± std, {n_seeds} seeds)', 'dim', 'per seed (%)'], rows)
+    if task.get('folds'):
+        out += ['', f'Per fold (test {metric}, mean over seeds; the task score is their mean):', '']
+        out += _table(['representation', *[f'fold {f}' for f in task['folds']]],
+                      [[ROW_NAMES[k], *[f'{100 * v:.2f}' for v in report[k]['per_fold']]]
+                       for k in ('model', 'random', 'logmel') if k in report])
     out += ['', f'Weights: `{report["weights"]}` (sha256 {report["weights_sha256"][:12]}…)', '']
     out += [f'> Note: {note}' for note in report.get('notes', [])] + ([''] if report.get('notes') else [])
 
     out += ['## Task', '']
     c = task['clips']
     out += [f'- {task["name"]} ({task["source"]}): {len(task["classes"])} classes, '
-            f'{"multi-label (mAP)" if task["multilabel"] else "single-label (accuracy)"}',
-            f'- clips: {c["train"]} train / {c["valid"]} valid / {c["test"]} test; unit {task["unit_sec"]:g} s '
-            '(cropped from the start or zero-padded)']
+            f'{"multi-label (mAP)" if task["multilabel"] else "single-label (accuracy)"}']
+    if not task.get('folds'):
+        out += [f'- clips: {c["train"]} train / {c["valid"]} valid / {c["test"]} test']
+    out += [f'- unit {task["unit_sec"]:g} s (cropped from the start or zero-padded)']
+    if task.get('folds'):
+        out += [f'- folds: {", ".join(task["folds"])} run as the test set in turn (of {", ".join(task["all_folds"])}); '
+                'test clips per fold: ' + ', '.join(f'{k}: {v}' for k, v in task['clips'].items())]
     out += [f'- {note}' for note in task.get('notes', [])]
+    for key in ('license', 'citation'):
+        if task.get(key):
+            out += [f'- data {key}: {task[key]}']
     g = st['geometry']
     out += ['', '## Settings', '',
             f'- encoder: input {g["input_size"][0]}x{g["input_size"][1]}, patch {g["patch_size"][0]}x{g["patch_size"][1]}, '
             f'{g["embed_dim"]}-d, {g["depth"]} layers, {g["sample_rate"]} Hz',
             f'- embedding: time-mean of layer(s) {", ".join(str(v) for v in st["layers"])} '
             f'({st["embedding_dim"]}-d); normalization mean {st["norm_stats"][0]:.4f}, std {st["norm_stats"][1]:.4f} '
-            f'({st["norm_stats_source"]})',
-            f'- linear probe: standardized features, Adam lr {st["lr"]:g}, batch {st["batch_size"]}, up to '
-            f'{st["epochs"]} epochs, early stop after {st["patience"]} without validation improvement; seeds '
-            f'{st["seed"]}..{st["seed"] + st["seeds"] - 1}; device {st["device"]}{", bf16" if st["bf16"] else ""}',
+            f'({st.get("norm_stats_note") or st["norm_stats_source"]})',
+            f'- seeds {st["seed"]}..{st["seed"] + st["seeds"] - 1}; device {st["device"]}'
+            f'{", bf16" if st["bf16"] else ""}; batch used {report["model"].get("batch_size")}; validation clips '
+            f'{sorted(set(report["model"].get("n_valid", [])))}',
             f'- best epochs: {report["model"].get("best_epoch")}']
+    proto = report.get('protocol')
+    if proto:
+        out += ['', f'## Linear probe: {proto["name"]}', '']
+        out += [f'- {k}: {v}' for k, v in proto.items() if k != 'name']
 
     if report.get('per_layer'):
         out += ['', '## Per layer', '']

@@ -18,18 +18,23 @@ to the suite file::
 
 Keys per task: ``name``, one of ``task``/``csv``/``data_dir`` as for a single task, optional
 ``unit_sec`` and ``seed`` (the split seed). YAML: the same keys in a list (or under ``task:``).
+
+The built-in suite ``evar`` (`run_evar_suite`) needs no file: the nine tasks of the seed README's
+table from ``ROOT/<task>/<task>.csv`` (as `m2d datasets` writes them), summarized in that table's
+shape and order with the published rows of the three released weights beside the evaluated ones;
+a task missing under ROOT is a listed gap.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from ..errors import M2DError
-from ..fileio import atomic_path
-from .report import pct
+from .evar import PUBLISHED, SEED_TABLE_TASKS
+from .linear import LinearOptions, evaluate_weights, weights_name
+from .summary import write_summary
 from .tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -105,11 +110,43 @@ def run_suite(weights: list[str | Path], suite: str | Path, output_dir: str | Pa
     ``OUTPUT_DIR/<weights-name>/<task>/report.*`` and ``OUTPUT_DIR/summary.{md,json}`` (default
     OUTPUT_DIR: ``eval/suite-<suite stem>/``). A task that fails is recorded in the summary and the
     others go on."""
-    from .linear import LinearOptions, evaluate_weights, weights_name
-
     opts = LinearOptions.from_kwargs(options)
-    entries = read_suite(suite)
     out = Path(output_dir) if output_dir is not None else Path('eval') / f'suite-{Path(suite).stem}'
+    return _run_entries(weights, read_suite(suite), out, opts, unit_sec, split_seed)
+
+
+def evar_entries(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The suite entries of the seed table's tasks found under `root` (``ROOT/<task>/<task>.csv``), and
+    the missing ones with the reason."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SuiteError(f'--data_dir {root}: no such folder (the evar suite reads ROOT/<task>/<task>.csv)')
+    entries, gaps = [], {}
+    for name in SEED_TABLE_TASKS:
+        folder = root / name
+        if (folder / f'{name}.csv').is_file():
+            entries.append({'name': name, 'task': name, 'data_dir': str(folder)})
+        else:
+            gaps[name] = f'no {folder / (name + ".csv")} (prepare it with `m2d datasets {name} {folder}`)'
+            log.warning('evar suite: %s is missing: %s', name, gaps[name])
+    return entries, gaps
+
+
+def run_evar_suite(weights: list[str | Path], data_dir: str | Path, output_dir: str | Path | None = None,
+                   unit_sec: float | None = None, split_seed: int = 0, **options) -> dict:
+    """The seed README's table in one command: every weight file on the nine tasks under `data_dir`
+    (``ROOT/<task>/<task>.csv``), ``summary.md`` in that table's order with the published rows beside
+    (default OUTPUT_DIR: ``eval/suite-evar/``)."""
+    opts = LinearOptions.from_kwargs(options)
+    entries, gaps = evar_entries(data_dir)
+    out = Path(output_dir) if output_dir is not None else Path('eval') / 'suite-evar'
+    published = [{'name': name, 'results': dict(zip(SEED_TABLE_TASKS, values))} for name, values in PUBLISHED.items()]
+    return _run_entries(weights, entries, out, opts, unit_sec, split_seed, task_order=list(SEED_TABLE_TASKS),
+                        gaps=gaps, published=published, title='EVAR linear evaluation: the seed README\'s table')
+
+
+def _run_entries(weights: list[str | Path], entries: list[dict[str, Any]], out: Path, opts: LinearOptions,
+                 unit_sec: float | None, split_seed: int, task_order: list[str] | None = None, **summary_extra) -> dict:
     reports, errors = [], {}
     for entry in entries:
         try:
@@ -124,68 +161,5 @@ def run_suite(weights: list[str | Path], suite: str | Path, output_dir: str | Pa
             except (M2DError, OSError, ValueError) as e:
                 errors[f'{entry["name"]} / {weights_name(w)}'] = str(e)
                 log.error('suite task %s with %s: %s', entry['name'], w, e)
-    summary = write_summary(reports, out, task_order=[e['name'] for e in entries], errors=errors)
-    return summary
-
-
-def _random_label(report: dict) -> str:
-    g = report['settings']['geometry']
-    (f, t), (ph, pw) = g['input_size'], g['patch_size']
-    return f'random encoder {g["embed_dim"]}-d x{g["depth"]} {f}x{t}p{ph}x{pw} (baseline)'
-
-
-def summarize(reports: list[dict], task_order: list[str] | None = None) -> dict[str, Any]:
-    """Rows (weight files, then baselines) x columns (tasks) of the reports' test results."""
-    tasks = list(dict.fromkeys((task_order or []) + [r['task']['name'] for r in reports]))
-    rows: dict[str, dict[str, Any]] = {}
-
-    def put(name: str, kind: str, task: str, entry: dict, metric: str, weights: str | None = None) -> None:
-        row = rows.setdefault(name, {'name': name, 'kind': kind, 'weights': weights, 'results': {}})
-        row['results'][task] = {'metric': metric, **{k: entry[k] for k in ('mean', 'std', 'per_seed')}}
-
-    for r in reports:
-        put(r['weights_name'], 'weights', r['task']['name'], r['model'], r['metric'], r['weights'])
-    for r in reports:
-        if 'logmel' in r:
-            put('log-mel mean+std per bin (baseline)', 'baseline', r['task']['name'], r['logmel'], r['metric'])
-        if 'random' in r:
-            put(_random_label(r), 'baseline', r['task']['name'], r['random'], r['metric'])
-    metrics = {r['task']['name']: r['metric'] for r in reports}
-    return {'tasks': tasks, 'metrics': metrics, 'rows': list(rows.values())}
-
-
-def summary_markdown(summary: dict[str, Any]) -> str:
-    """Two tables: means as in M2D's README (``89.8%``), then mean ± std; errors listed below."""
-    tasks = summary['tasks']
-
-    def table(cell) -> list[str]:
-        lines = ['| weight | ' + ' | '.join(tasks) + ' |', '|:---|' + '|'.join(':---' for _ in tasks) + '|']
-        for row in summary['rows']:
-            lines.append(f'| {row["name"]} | ' + ' | '.join(cell(row['results'].get(t)) for t in tasks) + ' |')
-        return lines
-
-    metric_note = ', '.join(f'{t}: {m}' for t, m in summary['metrics'].items())
-    out = ['# Linear evaluation summary', '', f'Test results ({metric_note}); mean over seeds.', '']
-    out += table(lambda e: '-' if e is None else f'{100 * e["mean"]:.1f}%')
-    out += ['', 'Mean ± std over seeds:', '']
-    out += table(lambda e: '-' if e is None else pct(e))
-    if summary.get('errors'):
-        out += ['', '## Failed', '']
-        out += [f'- {name}: {msg}' for name, msg in summary['errors'].items()]
-    return '\n'.join(out) + '\n'
-
-
-def write_summary(reports: list[dict], out: str | Path, task_order: list[str] | None = None,
-                  errors: dict[str, str] | None = None) -> dict[str, Any]:
-    """``out/summary.json`` and ``out/summary.md`` from reports; returns the summary."""
-    out = Path(out)
-    summary = summarize(reports, task_order)
-    summary['errors'] = errors or {}
-    summary['report_files'] = [str(Path(r['output_dir']) / 'report.json') for r in reports if 'output_dir' in r]
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / 'summary.json') as tmp:
-        tmp.write_text(json.dumps(summary, indent=1) + '\n')
-    with atomic_path(out / 'summary.md') as tmp:
-        tmp.write_text(summary_markdown(summary))
-    log.info('summary: %s', out / 'summary.md')
-    return summary
+    return write_summary(reports, out, task_order=task_order or [e['name'] for e in entries], errors=errors,
+                         **summary_extra)

@@ -13,6 +13,10 @@ class names and the unit length every clip is cropped or padded to. Three source
 - **Folder** (`data_dir=DIR`): each sub-folder is a class; its audio files (recursive) are the clips.
 - **Built-in** (`'fsdd-digits'`, `'fsdd-speakers'`): the Free Spoken Digit Dataset with its official
   split (takes 0-4 are test); a validation part is carved from the rest by the seed.
+- **EVAR's tasks by name** (`'esc50'`, `'us8k'`, ... see `evar.EVAR_TASKS`): ``DATA_DIR/<task>.csv``
+  (as `m2d datasets` writes it) or EVAR's own metadata (`csv=evar/metadata/<task>.csv`,
+  `data_dir=work/16k/<task>`), with EVAR's unit length. ``PREPARED.json`` beside the data (written
+  by `m2d datasets`) gives the task its license and citation (`Task.prepared`).
 
 Every problem with the input is a `TaskError` naming the file or argument.
 """
@@ -20,9 +24,10 @@ Every problem with the input is a `TaskError` naming the file or argument.
 from __future__ import annotations
 
 import csv as csv_module
-import hashlib
-import logging
 import dataclasses
+import hashlib
+import json
+import logging
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -33,6 +38,7 @@ import numpy as np
 
 from ..audio import AUDIO_SUFFIXES, find_audio_files, load_audio
 from ..errors import M2DError
+from .evar import EVAR_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,7 @@ class Task:
     unit_sec: float          # clips are cropped/padded to this length
     source: str = ''         # where the task came from (CSV path, folder), for reports
     notes: list[str] = field(default_factory=list)  # how the split was made, etc.
+    prepared: dict = field(default_factory=dict)    # PREPARED.json of the data (license, citation, ...)
 
     @property
     def folds(self) -> list[str]:
@@ -358,10 +365,13 @@ def load_task(task: str | None = None, *, csv: str | Path | None = None, data_di
     here (stratified splits, the validation part of the official FSDD split).
     """
     ratio = tuple(float(x) for x in split_ratio)
+    prepared: dict = {}
+    if task in EVAR_TASKS:
+        return _evar_task(EVAR_TASKS[task], csv, data_dir, unit_sec, seed, split_ratio)
     if task is not None:
         if task not in BUILTIN_TASKS:
-            raise TaskError(f'--task {task!r}: not a built-in task (built-in: {", ".join(BUILTIN_TASKS)}; '
-                            'use --csv FILE --data_dir DIR or --data_dir DIR for others)')
+            raise TaskError(f'--task {task!r}: not a built-in task (built-in: {", ".join(BUILTIN_TASKS)}; EVAR\'s: '
+                            f'{", ".join(EVAR_TASKS)}; use --csv FILE --data_dir DIR or --data_dir DIR for others)')
         if csv is not None:
             raise TaskError(f'--task {task} and --csv {csv}: give one of them')
         recordings = fsdd_recordings(data_dir)
@@ -373,6 +383,7 @@ def load_task(task: str | None = None, *, csv: str | Path | None = None, data_di
         csv = Path(csv)
         clips, notes = _read_csv_task(csv, Path(data_dir), seed, ratio)
         name, source = csv.stem, str(csv)
+        prepared = read_prepared(Path(data_dir))
     elif data_dir is not None:
         data_dir = Path(data_dir)
         clips, notes = _folder_task(data_dir, seed, ratio)
@@ -386,7 +397,46 @@ def load_task(task: str | None = None, *, csv: str | Path | None = None, data_di
     elif not unit_sec > 0:
         raise TaskError(f'--unit_sec {unit_sec}: must be positive')
     result = Task(name=name, clips=clips, classes=classes, multilabel=multilabel, unit_sec=float(unit_sec),
-                  source=source, notes=notes)
+                  source=source, notes=notes, prepared=prepared)
     _check(result)
     log.info('%s', result)
     return result
+
+
+def read_prepared(data_dir: Path) -> dict:
+    """``DATA_DIR/PREPARED.json`` (written by `m2d datasets`: source, license, citation, ...), or {}."""
+    path = data_dir / 'PREPARED.json'
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e:
+        log.warning('%s: not readable (%s); the report carries no license/citation', path, e)
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _evar_task(evar, csv: str | Path | None, data_dir: str | Path | None, unit_sec: float | None, seed: int,
+               split_ratio) -> Task:
+    """EVAR's task `evar` from ``DATA_DIR/<name>.csv`` (or `csv`), with EVAR's unit length by default."""
+    if data_dir is None:
+        raise TaskError(f'--task {evar.name}: needs --data_dir, the folder holding {evar.name}.csv and the audio '
+                        f'(make one with `m2d datasets {evar.name} DIR`)')
+    data_dir = Path(data_dir)
+    if csv is None:
+        csv = data_dir / f'{evar.name}.csv'
+        if not csv.is_file():
+            raise TaskError(f'--data_dir {data_dir}: no {evar.name}.csv (prepare the task with `m2d datasets '
+                            f'{evar.name} {data_dir}`, or give EVAR\'s metadata with --csv evar/metadata/'
+                            f'{evar.name}.csv)')
+    task = load_task(csv=csv, data_dir=data_dir, unit_sec=evar.unit_sec if unit_sec is None else unit_sec,
+                     seed=seed, split_ratio=split_ratio)
+    task.name = evar.name
+    n_folds = len(task.folds) or 1
+    task.notes.append(f"EVAR's {evar.name}: unit {evar.unit_sec:g} s, {evar.folds} fold(s), {evar.metric}")
+    if n_folds != evar.folds:
+        log.warning('%s: %d fold(s) in %s; EVAR\'s %s has %d', evar.name, n_folds, csv, evar.name, evar.folds)
+    if (evar.metric == 'mAP') != task.multilabel:
+        log.warning('%s: the CSV makes a %s task; EVAR scores %s', evar.name,
+                    'multi-label' if task.multilabel else 'single-label', evar.metric)
+    return task

@@ -14,6 +14,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..normstats import parse_mean_std
 from . import SuperbError
 
 
@@ -71,21 +72,13 @@ def preset_stats(name: str) -> tuple[str, str]:
 
 def check_stats(mean: str, std: str, what: str) -> tuple[float, float]:
     """MEAN and STD as given -> floats; a SuperbError naming `what` unless both are finite and STD > 0."""
-    try:
-        m, s = float(mean), float(std)
-    except ValueError:
-        raise SuperbError(f'{what}: MEAN and STD must be numbers') from None
-    if not (math.isfinite(m) and math.isfinite(s) and s > 0):
-        raise SuperbError(f'{what}: MEAN must be finite and STD positive')
-    return m, s
+    return parse_mean_std((mean, std), what, SuperbError)
 
 
 def parse_stats(text: str, what: str = '--stats') -> tuple[str, str]:
     """'MEAN,STD' -> (mean, std) as given (checked to be numbers, std > 0)."""
     parts = [p.strip() for p in str(text).split(',')]
-    if len(parts) != 2:
-        raise SuperbError(f'{what} {text!r}: expected MEAN,STD (e.g. -11.506255,4.314857)')
-    check_stats(parts[0], parts[1], f'{what} {text!r}')
+    parse_mean_std(parts if len(parts) == 2 else str(text), what, SuperbError)  # checked; kept as spelled
     return parts[0], parts[1]
 
 

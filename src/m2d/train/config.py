@@ -20,6 +20,7 @@ import torch
 
 from ..checkpoint import ModelName
 from ..errors import M2DError
+from ..normstats import parse_mean_std
 from ..vit import WIDTHS
 
 # model-name prefix -> model kind of m2d.models.create_model
@@ -142,14 +143,7 @@ class TrainConfig:
         """``--norm_stats`` as (mean, std); accepts ``-7.1,4.2`` and the reference's ``[-7.1, 4.2]``."""
         if self.norm_stats in (None, '', 'None'):
             return None
-        parts = [p for p in re.split(r'[\s,]+', str(self.norm_stats).strip('[]() ')) if p]
-        try:
-            mean, std = (float(p) for p in parts)
-        except ValueError:
-            raise ConfigError(f'--norm_stats must be MEAN,STD (e.g. -7.1,4.2), got {self.norm_stats!r}') from None
-        if not std > 0:
-            raise ConfigError(f'--norm_stats: std must be positive, got {std}')
-        return mean, std
+        return parse_mean_std(str(self.norm_stats), '--norm_stats', ConfigError)
 
     def model_config(self) -> dict:
         """Keyword arguments of `m2d.models.create_model` (without norm_stats and off_emb_dim)."""

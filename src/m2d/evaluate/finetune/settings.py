@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ...errors import M2DError
+from ...normstats import parse_mean_std
 
 OPTIMIZERS = ('sgd', 'adamw', 'lars')
 
@@ -71,10 +72,4 @@ def parse_norm_stats(spec: str | Iterable[float] | None) -> tuple[float, float] 
     """None (the weight file's), 'auto', or ``(mean, std)`` from ``'MEAN,STD'`` or a pair."""
     if spec is None or spec == 'auto':
         return spec
-    try:
-        values = [float(v) for v in (spec.split(',') if isinstance(spec, str) else spec)]
-    except (TypeError, ValueError):
-        values = []
-    if len(values) != 2 or not values[1] > 0:
-        raise FinetuneError(f'--norm_stats {spec}: expected auto or MEAN,STD with STD > 0 (e.g. -7.1,4.2)')
-    return values[0], values[1]
+    return parse_mean_std(spec, '--norm_stats', FinetuneError, expected='auto or MEAN,STD')

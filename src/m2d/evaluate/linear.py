@@ -368,7 +368,8 @@ def task_info(task: Task, folds: list[tuple[str | None, Task]]) -> dict[str, Any
     """report.json's ``task``: what was evaluated, its folds, and the data's license and citation."""
     info = {'name': task.name, 'source': task.source, 'classes': task.classes, 'multilabel': task.multilabel,
             'unit_sec': task.unit_sec, 'clips': task.counts(), 'notes': task.notes}
-    if task.folds:
+    if task.folds:  # the loaded task's own hold-out (its first fold) is not what runs
+        info['notes'] = [n for n in task.notes if not n.startswith('fold ')]
         info['folds'] = [f for f, _ in folds]
         info['all_folds'] = task.folds
         info['clips'] = {f: t.counts()['test'] for f, t in folds}  # test clips per fold

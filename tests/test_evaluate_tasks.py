@@ -190,7 +190,7 @@ def test_bad_input_is_one_line_error(tmp_path, audio_dir, case, match):
     elif case == 'duplicate':
         write_csv(csv, 'file_name,label,split', ['a0.wav,x,train', 'a0.wav,x,test'])
     elif case == 'unknown_task':
-        kwargs = {'task': 'esc50', 'data_dir': audio_dir}
+        kwargs = {'task': 'esc51', 'data_dir': audio_dir}
     elif case == 'no_task':
         kwargs = {}
     elif case == 'fsdd_no_dir':

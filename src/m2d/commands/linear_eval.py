@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "of the seed README's table from ROOT/<task>/, published rows beside")
     src.add_argument('--fold', default=None, metavar='K', help='run only fold K of a fold task (default: every fold)')
     parser.add_argument('--unit_sec', '--unit-sec', dest='unit_sec', type=float, default=None, metavar='S',
-                        help='crop/pad every clip to S seconds (default: the longest clip, at most 10 s)')
+                        help="crop/pad every clip to S seconds (default: EVAR's unit for its tasks, else the longest clip, "
+                             'at most 10 s)')
     parser.add_argument('--layers', default=None, metavar='SPEC',
                         help='"all" or layer indices such as "0,6,-1": time-means concatenated (default: last layer)')
     parser.add_argument('--per_layer', '--per-layer', dest='per_layer', action='store_true',

@@ -5,9 +5,11 @@
     >>> report = linear_eval('m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth', task)
     >>> report['model']['mean'], report['random']['mean'], report['logmel']['mean']
 
-Modules: `tasks` (CSV/folder/built-in tasks, clip loading), `embed` (clip embeddings, cached),
-`linear` (logistic regression, `linear_eval`), `baselines`, `report` (report.json/report.md),
-`suite` (several tasks, one summary table). Fine-tuning lives in `finetune` and `predict`.
+Modules: `evar` (EVAR's task definitions, the seed table), `tasks` (CSV/folder/built-in/EVAR tasks,
+folds, clip loading), `embed` (clip embeddings, cached), `probe` (EVAR's linear classifier),
+`linear` (`linear_eval`: load -> statistics -> embed -> probe per fold -> baselines -> report),
+`baselines`, `report` (report.json/report.md), `summary` (the table over tasks), `suite` (several
+tasks, ``--suite evar``). Fine-tuning lives in `finetune` and `predict`.
 """
 
 from __future__ import annotations

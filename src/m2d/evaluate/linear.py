@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -367,7 +368,8 @@ def task_info(task: Task, folds: list[tuple[str | None, Task]]) -> dict[str, Any
     """report.json's ``task``: what was evaluated, its folds, and the data's license and citation."""
     info = {'name': task.name, 'source': task.source, 'classes': task.classes, 'multilabel': task.multilabel,
             'unit_sec': task.unit_sec, 'clips': task.counts(), 'notes': task.notes}
-    if task.folds:
+    if task.folds:  # the loaded task's own hold-out (its first fold) is not what runs
+        info['notes'] = [n for n in task.notes if not n.startswith('fold ')]
         info['folds'] = [f for f, _ in folds]
         info['all_folds'] = task.folds
         info['clips'] = {f: t.counts()['test'] for f, t in folds}  # test clips per fold
@@ -377,24 +379,64 @@ def task_info(task: Task, folds: list[tuple[str | None, Task]]) -> dict[str, Any
     return info
 
 
+@contextmanager
+def _timed(timings: dict[str, Any], key: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t0
+
+
+def report_header(task: Task, folds: list[tuple[str | None, Task]], loaded: Loaded, opts: LinearOptions,
+                  device: str, stats: tuple[tuple[float, float], str, str], layers: list[int], dim: int) -> dict:
+    """The report's task, weights, protocol and settings (before any result)."""
+    vit = loaded.ckpt.vit
+    return {
+        'task': task_info(task, folds), 'weights': str(loaded.path), 'weights_name': loaded.name,
+        'weights_sha256': loaded.sha256, 'protocol': protocol(opts),
+        'settings': {**{k: v for k, v in asdict(opts).items() if k not in ('progress', 'cache_dir', 'use_cache')},
+                     'layers': layers, 'device': device,
+                     'norm_stats': list(stats[0]), 'norm_stats_source': stats[1], 'norm_stats_note': stats[2],
+                     'geometry': {'input_size': list(vit.input_size), 'patch_size': list(vit.patch_size),
+                                  'embed_dim': vit.embed_dim, 'depth': vit.depth,
+                                  'sample_rate': loaded.ckpt.sample_rate},
+                     'embedding_dim': dim},
+        'metric': 'mAP' if task.multilabel else 'accuracy',
+    }
+
+
+def probe_model(task: Task, folds: list[tuple[str | None, Task]], emb: Embeddings, opts: LinearOptions, device: str,
+                name: str, layers: list[int], timings: dict[str, Any]) -> dict[str, Any]:
+    """The model's entry (its layers concatenated), per-layer results with `per_layer`, class results."""
+    out: dict[str, Any] = {}
+    with _timed(timings, 'probe_model_s'):
+        result = run_probe(folds, emb, opts, device, name, layers=layers)
+        out['model'] = _entry(result, emb.x.shape[2] * len(layers))
+    if opts.per_layer:
+        with _timed(timings, 'probe_per_layer_s'):
+            out['per_layer'] = [{'layer': layer, **run_probe(folds, emb, opts, device, f'{name} layer {layer}',
+                                                             layers=[layer]).summary()} for layer in emb.layers]
+    out['class_accuracy'], out['confusion_matrix'] = _class_results(task, result)
+    if task.multilabel:
+        out['class_metric'] = 'AP'
+    return out
+
+
 def evaluate_weights(weights: str | Path, task: Task, output_dir: str | Path | None, opts: LinearOptions) -> dict:
     """Linear evaluation of one weight file on `task` (every fold of a fold task); writes and returns the
     report. The steps: load -> normalization statistics -> embed -> probe -> baselines -> report."""
     from ..runtime import resolve_device
 
-    clock = time.perf_counter()
-    timings: dict[str, Any] = {}
+    clock, timings = time.perf_counter(), {}
     device = str(resolve_device(opts.device))
     folds = fold_tasks(task, opts.fold)
 
-    loaded = load_weights(weights, opts)
-    timings['load_s'] = time.perf_counter() - clock
+    with _timed(timings, 'load_s'):
+        loaded = load_weights(weights, opts)
 
-    t0 = time.perf_counter()
-    stats, stats_source, stats_note = choose_norm_stats(opts, loaded, task)
-    loaded.runtime.norm_stats.copy_(torch.tensor(stats))
-    timings['norm_stats_s'] = time.perf_counter() - t0
-    log.info('%s: normalization mean %.4f, std %.4f %s', loaded.name, *stats, stats_note)
+    with _timed(timings, 'norm_stats_s'):
+        stats = choose_norm_stats(opts, loaded, task)
+        loaded.runtime.norm_stats.copy_(torch.tensor(stats[0]))
+    log.info('%s: normalization mean %.4f, std %.4f %s', loaded.name, *stats[0], stats[2])
 
     depth = loaded.runtime.cfg.depth
     layers = parse_layers(opts.layers, depth)  # None: the last layer (the final output)
@@ -404,47 +446,20 @@ def evaluate_weights(weights: str | Path, task: Task, output_dir: str | Path | N
                    embed_clips_per_s=len(emb.keys) / emb.seconds if emb.seconds > 0 else None)
     skipped = check_failures(task, emb, opts.max_failed)
 
-    t0 = time.perf_counter()
-    result = run_probe(folds, emb, opts, device, loaded.name, layers=model_layers)  # layers concatenated
-    dim = emb.x.shape[2] * len(model_layers)
-    report: dict[str, Any] = {
-        'task': task_info(task, folds), 'weights': str(loaded.path), 'weights_name': loaded.name,
-        'weights_sha256': loaded.sha256, 'protocol': protocol(opts),
-        'settings': {**{k: v for k, v in asdict(opts).items() if k not in ('progress', 'cache_dir', 'use_cache')},
-                     'layers': model_layers, 'device': device,
-                     'norm_stats': list(stats), 'norm_stats_source': stats_source, 'norm_stats_note': stats_note,
-                     'geometry': {'input_size': list(loaded.ckpt.vit.input_size),
-                                  'patch_size': list(loaded.ckpt.vit.patch_size),
-                                  'embed_dim': loaded.ckpt.vit.embed_dim, 'depth': depth,
-                                  'sample_rate': loaded.ckpt.sample_rate},
-                     'embedding_dim': dim},
-        'metric': 'mAP' if task.multilabel else 'accuracy',
-        'model': _entry(result, dim),
-    }
-    timings['probe_model_s'] = time.perf_counter() - t0
-    if opts.per_layer:
-        t0 = time.perf_counter()
-        report['per_layer'] = [{'layer': layer, **run_probe(folds, emb, opts, device, f'{loaded.name} layer {layer}',
-                                                            layers=[layer]).summary()} for layer in emb.layers]
-        timings['probe_per_layer_s'] = time.perf_counter() - t0
-    report['class_accuracy'], report['confusion_matrix'] = _class_results(task, result)
-    if task.multilabel:
-        report['class_metric'] = 'AP'
+    report = report_header(task, folds, loaded, opts, device, stats, model_layers, emb.x.shape[2] * len(model_layers))
+    report.update(probe_model(task, folds, emb, opts, device, loaded.name, model_layers, timings))
 
     if opts.baselines:
-        report.update(probe_baselines(loaded, task, folds, opts, device, None if layers is None else list(layers),
-                                      stats, timings))
+        report.update(probe_baselines(loaded, task, folds, opts, device, layers, stats[0], timings))
 
     report['skipped'] = skipped
-    notes = [convergence_note(k, report[k], opts) for k in ('model', 'random', 'logmel') if k in report]
-    report['notes'] = [n for n in notes if n]
+    report['notes'] = [n for n in (convergence_note(k, report[k], opts) for k in ('model', 'random', 'logmel')
+                                   if k in report) if n]
     for note in report['notes']:
         log.warning('%s', note)
     timings['total_s'] = time.perf_counter() - clock
-    report['timings'] = timings
-    report['created'] = datetime.now(timezone.utc).isoformat(timespec='seconds')
-    report['m2d_version'] = __version__
-
+    report.update(timings=timings, created=datetime.now(timezone.utc).isoformat(timespec='seconds'),
+                  m2d_version=__version__)
     out = Path(output_dir) if output_dir is not None else default_output_dir(loaded.path, task)
     report['output_dir'] = str(out)
     write_report(report, out, folds[0][1], emb, figures=opts.figures)

@@ -50,7 +50,8 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--data_dir', '--data-dir', dest='data_dir', default=None, metavar='DIR',
                    help='audio folder: the CSV file names are relative to it; alone, its sub-folders are the classes')
     g.add_argument('--unit_sec', '--unit-sec', dest='unit_sec', type=float, default=None, metavar='S',
-                   help='clip length in seconds (crop/zero-pad); default the longest clip, at most 10 s')
+                   help="clip length in seconds (crop/zero-pad); default EVAR's unit for its tasks, else the longest "
+                        'clip, at most 10 s')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -180,7 +180,7 @@ def check_geometry(sd: dict[str, torch.Tensor], model: torch.nn.Module, source: 
     except M2DError as e:
         raise ConfigError(f'{option} {source}: {e}') from None
     t_in, t_patch = tuple(theirs.input_size), tuple(theirs.patch_size)
-    same_positions = (tuple(sd['pos_embed'].shape) == tuple(model.pos_embed.shape) if 'pos_embed' in sd
+    same_positions = (sd['pos_embed'].shape[1] == model.pos_embed.shape[1] if 'pos_embed' in sd
                       else t_in == tuple(cfg.input_size))
     if t_patch == tuple(cfg.patch_size) and same_positions:
         return

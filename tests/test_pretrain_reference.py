@@ -63,6 +63,7 @@ def _substitute(argv: list[str], mapping: dict[str, str]) -> list[str]:
 # ----- 1. M2D-X from a released M2D checkpoint ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_m2dx_from_released_checkpoint_init_and_reference_resume(m2d_base_ckpt, lms_sets, tmp_path, caplog):
     """The README's M2D-X command (--init) and the reference's spelling (--resume FILE) both further
     pre-train from the released-layout checkpoint: epoch 0, fresh offline_predictor (named), the

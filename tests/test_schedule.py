@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from m2d.train.config import TrainConfig, parse_size
+from m2d.train.config import ConfigError, TrainConfig, parse_size
 from m2d.train.schedule import base_to_absolute_lr, ema_decay, learning_rate
 
 
@@ -75,7 +75,8 @@ def test_run_name_parses_back():
 
 def test_reference_command_lines_parse():
     """Old command lines keep working: reference option names, their --kebab-case spellings, the
-    README's --dataset, and the ignored reference options (torchrun's --local-rank included)."""
+    README's --dataset and --no_pin_mem; the reference options m2d has no use for (torchrun's
+    --local-rank included) stop with the reason."""
     import argparse
 
     from m2d.commands import pretrain
@@ -84,8 +85,12 @@ def test_reference_command_lines_parse():
     parser = argparse.ArgumentParser()
     pretrain.add_arguments(parser)
     old = ['--dataset', 'data/files_fsd50k.csv', '--batch_size', '64', '--accum-iter', '2', '--input_size', '80x208',
-           '--norm-stats=-7.1,4.2', '--eval_after', '10', '--local-rank', '0', '--no_pin_mem', '--no-norm-pix-loss']
+           '--norm-stats=-7.1,4.2', '--no_pin_mem', '--no-norm-pix-loss']
     opts = config_from_args(parser.parse_args(old))
+    assert opts.pin_mem is False
+    for refused, reason in (['--eval_after', '10'], '--eval_every'), (['--local-rank', '0'], 'torchrun'):
+        with pytest.raises(ConfigError, match=reason):
+            config_from_args(parser.parse_args(old + refused))
     assert (opts.csv_main, opts.batch_size, opts.accum_iter, opts.input_hw) == ('data/files_fsd50k.csv', 64, 2,
                                                                                 (80, 208))
     assert opts.parsed_norm_stats() == (-7.1, 4.2) and opts.norm_pix_loss is False

@@ -147,9 +147,10 @@ def time_continuous_mask(batch: int, grid_size: tuple[int, int], mask_ratio: flo
                          generator: torch.Generator | None = None) -> Mask:
     """Spans of `span` consecutive time columns, every frequency row of a masked column masked.
 
-    Per sample, ``M = int(T r)`` columns: spans start at uniform random columns (a span fits in
-    the grid) and are added until at least M columns are masked; the masked columns beyond the
-    first M (counting from time 0) are then unmasked, so exactly M columns are masked.
+    Per sample, ``M = int(T r)`` columns: spans start at uniform random columns ``0..T-1`` (a span
+    starting near the right edge is cut there, as the reference's ``mask[i:i+span] = 1``) and are
+    added until at least M columns are masked; the masked columns beyond the first M (counting from
+    time 0) are then unmasked, so exactly M columns are masked.
     """
     r = _check_ratio(mask_ratio)
     F, T = grid_size
@@ -164,7 +165,7 @@ def time_continuous_mask(batch: int, grid_size: tuple[int, int], mask_ratio: flo
         need = cols.sum(1) < M
         if not bool(need.any()):
             break
-        start = (_rand((batch,), device, generator) * (T - span + 1)).long().clamp_(max=T - span)
+        start = (_rand((batch,), device, generator) * T).long().clamp_(max=T - 1)
         new = (t[None] >= start[:, None]) & (t[None] < start[:, None] + span)
         cols |= new & need[:, None]
     cols &= cols.cumsum(1) <= M

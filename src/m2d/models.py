@@ -7,7 +7,8 @@ Each model IS a `m2d.vit.ViTEncoder` (the online encoder: ``patch_embed``, ``cls
   ``decoder_norm``, ``decoder_pred`` (-> pixels of a patch); loss = MSE of masked patches against
   per-patch standardized pixels.
 - M2D: ``decoder_pred`` -> encoder width, predicting the masked patches; the target is the EMA
-  encoder ``target_blocks``/``target_norm`` run on the masked patches; loss = ``norm_mse``.
+  encoder ``target_blocks``/``target_norm`` run on the masked patches (with `target_layers`, the
+  mean of those blocks' outputs before ``target_norm``); loss = ``norm_mse``.
 - M2D-S: M2D plus ``offline_predictor`` (``Fp*D -> off_emb_dim``) on all online tokens per time
   step, against teacher features; loss = ``loss_m2d * online + loss_off * offline``.
 
@@ -263,12 +264,16 @@ class M2D(MaskedAutoencoder):
     kind = 'm2d'
     has_target = True
 
-    def __init__(self, *, loss_type: str = 'norm_mse', mask_ratio: float = 0.7, **kwargs):
+    def __init__(self, *, loss_type: str = 'norm_mse', mask_ratio: float = 0.7,
+                 target_layers: tuple[int, ...] | list[int] | None = None, **kwargs):
         if loss_type not in LOSSES:
             raise ValueError(f'loss_type must be one of {sorted(LOSSES)}, got {loss_type!r}')
         super().__init__(mask_ratio=mask_ratio, **kwargs)
         self.loss_type = loss_type
         cfg, eps = self.config, self.norm.eps
+        self.target_layers = tuple(int(i) for i in target_layers) if target_layers else None
+        if self.target_layers and not all(0 <= i < cfg.depth for i in self.target_layers):
+            raise ValueError(f'target_layers {self.target_layers}: block indices must be in [0, {cfg.depth})')
         self.target_blocks = nn.ModuleList(
             [Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, eps) for _ in range(cfg.depth)])
         self.target_norm = nn.LayerNorm(cfg.embed_dim, eps=eps)
@@ -294,10 +299,18 @@ class M2D(MaskedAutoencoder):
 
     @torch.no_grad()
     def forward_target(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Target encoder on embedded patch tokens ``[B, N, D]`` (with the online cls); cls dropped."""
+        """Target encoder on embedded patch tokens ``[B, N, D]`` (with the online cls); cls dropped.
+
+        With `target_layers`, the outputs of those blocks are averaged before ``target_norm``.
+        """
         x = torch.cat([self.cls_with_pos(tokens.shape[0]).to(tokens.dtype), tokens.detach()], dim=1)
-        for blk in self.target_blocks:
+        picked = []
+        for i, blk in enumerate(self.target_blocks):
             x = blk(x)
+            if self.target_layers and i in self.target_layers:
+                picked.append(x)
+        if picked:
+            x = torch.stack(picked).mean(0)
         return self.target_norm(x)[:, 1:]
 
     def _online_step(self, x: torch.Tensor, mask: MaskLike | None):
@@ -323,12 +336,23 @@ class M2DS(M2D):
     kind = 'm2d_s'
 
     def __init__(self, *, off_emb_dim: int = 768, loss_m2d: float = 1.0, loss_off: float = 1.0,
-                 mask_ratio: float = 0.6, **kwargs):
+                 mask_ratio: float = 0.6, offline_init: str = 'xavier', **kwargs):
+        if offline_init not in ('xavier', 'torch'):
+            raise ValueError(f"offline_init must be 'xavier' or 'torch', got {offline_init!r}")
         super().__init__(mask_ratio=mask_ratio, **kwargs)
         self.loss_m2d = float(loss_m2d)
         self.loss_off = float(loss_off)
+        self.offline_init = offline_init
         fp = self.grid_size[0]
         self.offline_predictor = Linear(fp * self.config.embed_dim, off_emb_dim)
+
+    def init_weights(self) -> 'M2DS':
+        """MAE's initialization; the offline predictor keeps PyTorch's Linear default with
+        ``offline_init='torch'`` (the reference's M2D-S; its M2D-X uses xavier as the rest)."""
+        super().init_weights()
+        if self.offline_init == 'torch':
+            self.offline_predictor.reset_parameters()
+        return self
 
     def forward(self, x: torch.Tensor, mask: MaskLike | None = None,
                 target_offline: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -376,12 +400,13 @@ def create_model(kind: str, **config: Any) -> MaskedAutoencoder:
         raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
     known = {'img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth', 'num_heads', 'decoder_embed_dim',
              'decoder_depth', 'decoder_num_heads', 'mlp_ratio', 'norm_pix_loss', 'layer_norm_eps', 'mask_ratio',
-             'mask_type', 'cont_mask', 'norm_stats', 'loss_type', 'loss_m2d', 'loss_off', 'off_emb_dim'}
+             'mask_type', 'cont_mask', 'norm_stats', 'loss_type', 'loss_m2d', 'loss_off', 'off_emb_dim',
+             'target_layers', 'offline_init'}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f'create_model({kind!r}): unknown config keys {unknown}')
-    per_kind = {'msm_mae': {'loss_type', 'loss_m2d', 'loss_off', 'off_emb_dim'},
-                'm2d': {'loss_m2d', 'loss_off', 'off_emb_dim'}, 'm2d_s': set()}[kind]
+    per_kind = {'msm_mae': {'loss_type', 'loss_m2d', 'loss_off', 'off_emb_dim', 'target_layers', 'offline_init'},
+                'm2d': {'loss_m2d', 'loss_off', 'off_emb_dim', 'offline_init'}, 'm2d_s': set()}[kind]
     ignored = sorted(set(config) & per_kind)
     if ignored:
         log.debug('create_model(%r): ignoring %s', kind, ignored)

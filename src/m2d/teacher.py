@@ -1,4 +1,4 @@
-"""The M2D-X teacher: a frozen M2D whose features of the clean input are the training target.
+"""The M2D-X teacher: a frozen M2D whose features of its input are the offline training target.
 
 M2D-X uses any M2D model as the teacher, at training time (`runtime_teacher`). The offline HuBERT
 teacher of M2D-S lives with the data code: `m2d.data.teacher_features`.
@@ -18,13 +18,15 @@ log = logging.getLogger(__name__)
 
 
 class RuntimeTeacher(nn.Module):
-    """A frozen `RuntimeM2D` whose ``encode_lms`` of the clean input is the offline target.
+    """A frozen `RuntimeM2D` whose ``encode_lms`` of its input is the offline target.
 
-    Call it with the clean, normalized LMS ``[B, 1, 80, T]``; returns ``[B, T', D]`` (no gradient).
+    Call it with a normalized LMS ``[B, 1, 80, T]`` (M2D-X's default: the noise mixture); returns
+    ``[B, T', D]`` (no gradient).
     With `frames`, the time axis is averaged (or repeated) to that many steps, e.g. the student's
     Tp when teacher and student patch widths differ.
-    If `input_norm_stats` (the student's mean, std) is given and differs from the teacher's own
-    ``norm_stats``, the input is re-normalized to the teacher's statistics first.
+    By default the input goes to the teacher as is (the student-normalized LMS, as the reference's
+    loop does). If `input_norm_stats` (the student's mean, std) is given, the input is first
+    re-normalized to the teacher's own ``norm_stats`` (``m2d pretrain --teacher_renorm``).
     """
 
     def __init__(self, runtime: nn.Module, input_norm_stats: Sequence[float] | None = None):
@@ -40,8 +42,8 @@ class RuntimeTeacher(nn.Module):
         return self.runtime.feature_d
 
     @torch.no_grad()
-    def forward(self, clean_lms: torch.Tensor, frames: int | None = None) -> torch.Tensor:
-        x = clean_lms.to(self.runtime.norm_stats.device).float()
+    def forward(self, lms: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+        x = lms.to(self.runtime.norm_stats.device).float()
         if self.input_norm_stats is not None:
             mean, std = self.input_norm_stats
             x = self.runtime.normalize_batch(x * std + mean)
@@ -62,7 +64,7 @@ def match_frames(y: torch.Tensor, frames: int) -> torch.Tensor:
 
 def runtime_teacher(weights: str | Path, device: str | torch.device = 'cpu',
                     input_norm_stats: Sequence[float] | None = None, trust: bool = False) -> Callable:
-    """M2D-X offline teacher: callable(clean_lms ``[B, 1, 80, T]``) -> ``[B, T', D]``, frozen, on `device`."""
+    """M2D-X offline teacher: callable(lms ``[B, 1, 80, T]``) -> ``[B, T', D]``, frozen, on `device`."""
     from .runtime import RuntimeM2D
 
     rt = RuntimeM2D(weights, trust=trust)

@@ -4,16 +4,17 @@ many with ``torchrun --nproc_per_node N -m m2d pretrain ...``)."""
 from __future__ import annotations
 
 import argparse
-import logging
 
 from ..train.config import add_arguments as _add_arguments
-
-log = logging.getLogger(__name__)
 
 EPILOG = """\
 examples:
   m2d convert AudioSet/ data/audioset_lms --min-seconds 6.1
-  m2d pretrain --csv_main data/audioset_lms/files.csv --data_path data --batch_size 512 --bf16
+  m2d pretrain --csv_main data/audioset_lms/files.csv --data_path data --batch_size 512
+  m2d pretrain --model msm_mae_vit_base --csv_main data/audioset_lms/files.csv
+  m2d pretrain --model m2d_x_vit_base --init m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth \\
+      --teacher m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth --csv_main data/my_lms/files.csv \\
+      --csv_bg_noise data/noise_lms/files.csv --noise_ratio 0.01 --loss_off 1. --epochs 600 --warmup_epochs 24
   m2d pretrain --model m2d_vit_tiny --input_size 80x208 --csv_main data/fsdd_lms/files.csv --epochs 20 \\
       --eval fsdd-digits --eval_data_dir data/fsdd --eval_every 5
   torchrun --nproc_per_node 4 -m m2d pretrain --csv_main data/audioset_lms/files.csv --resume auto \\
@@ -22,6 +23,8 @@ examples:
 The run folder (default runs/MODEL-FxTpPHxPWpSRk-YYMMDD-mrN) is created once the data and the
 model are built; it receives checkpoint-EPOCH.pth, checkpoint-last.pth, log.jsonl, train.log,
 training_curves.png and, with --eval, eval/epoch-N/ and eval_summary.md.
+Precision: bfloat16 autocast on GPUs that support it, float16 with loss scaling on those that do not
+(--fp32 to opt out), float32 on a CPU (--bf16 to ask for bfloat16); the choice is logged.
 exit status: 0 done, 2 bad options or data, 3 non-finite loss (the last good checkpoint is named).
 """
 
@@ -33,12 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.config import IGNORED_OPTIONS, config_from_args
+    from ..train.config import config_from_args
     from ..train.loop import train
 
-    given = [n for n in IGNORED_OPTIONS if getattr(args, n, None) is not None]
-    if given:
-        log.warning('ignored reference options (no effect here): %s', ', '.join(f'--{n}' for n in given))
     result = train(config_from_args(args))
     if result.is_main:
         print(result.checkpoint or result.output_dir)

@@ -5,8 +5,9 @@ model m2d_s_vit_base, input 80x208, patch 80x4, mask ratio 0.6, 1000 epochs, war
 ratio 0.2, loss_m2d 1.0, loss_off 1.0, speech list data/files_ls960_hybrid.csv (from
 `m2d teacher-features`) and background noise data/files_audioset.csv (from `m2d convert`).
 The reference script's own --loss_off default is 0.0, but its documented 80x208 recipe passes 1.0.
-For M2D-X (any M2D teacher at training time): --model m2d_x_vit_base --teacher WEIGHTS, with plain
-LMS .npy lists.
+M2D-X (further pre-training of a released M2D with any M2D teacher) is `m2d pretrain --model
+m2d_x_vit_base`, as the reference trains it with train_audio.py: these speech presets (80x208, 80x4
+patches) cannot hold an 80x608p16x16 checkpoint.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ examples:
   m2d convert AudioSet/ data/audioset_lms --min-seconds 6.1
   m2d pretrain-speech --csv_main data/ls960_hubert_L9/files.csv --csv_bg_noise data/audioset_lms/files.csv \\
       --data_path data --batch_size 128 --accum_iter 16
-  m2d pretrain-speech --model m2d_x_vit_base --teacher m2d_vit_base.pth --init m2d_full_checkpoint.pth \\
-      --csv_main data/my_lms/files.csv --csv_bg_noise data/noise_lms/files.csv
+M2D-X from a released M2D checkpoint: see `m2d pretrain --help`.
 """
 
 

@@ -1,10 +1,11 @@
 """Pre-training options: one dataclass, and the argparse options that fill it.
 
 Option names follow the reference ``train_audio.py`` so existing command lines keep working;
-defaults are the reference's M2D defaults (input 80x608, patch 16x16, mask 0.7, 300 epochs,
-warmup 20, batch 512 per process, blr 3e-4, weight decay 0.05, clip 3.0, EMA 0.99995 -> 0.99999,
-decoder 8 blocks of 512-d with 16 heads). Every option also has a ``--kebab-case`` spelling.
-Bad values raise `ConfigError` naming the option.
+defaults are the reference's M2D defaults (``train_audio.py``: input 80x608, patch 16x16, mask 0.7,
+300 epochs, warmup 20, batch 512 per process, blr 3e-4, weight decay 0.05, clip 3.0, EMA 0.99995 ->
+0.99999, decoder 8 blocks of 512-d with 16 heads), and for ``msm_mae_*`` models those of the
+reference's MSM-MAE recipe (``mae_train_audio.py`` + ``models_mae.msm_mae_vit_base``, `RECIPES`).
+Every option also has a ``--kebab-case`` spelling. Bad values raise `ConfigError` naming the option.
 """
 
 from __future__ import annotations
@@ -41,24 +42,27 @@ class TrainConfig:
 
     # model
     model: str = 'm2d_vit_base'
-    input_size: str = '80x608'
+    input_size: str | None = None
     patch_size: str = '16x16'
     sr: str = '16k'
     depth: int | None = None
-    decoder_depth: int = 8
-    decoder_embed_dim: int = 512
-    decoder_num_heads: int = 16
-    mask_ratio: float = 0.7
+    decoder_depth: int | None = None
+    decoder_embed_dim: int | None = None
+    decoder_num_heads: int | None = None
+    mask_ratio: float | None = None
     mask_type: str = 'unstructured'
     cont_mask: int = 0
-    norm_pix_loss: bool = True
+    norm_pix_loss: bool | None = None
+    target_layers: str = ''
     loss_fn: str = 'norm_mse'
     loss_m2d: float = 1.0
     loss_off: float = 0.0
     off_emb_dim: int | None = None
     teacher: str = ''
+    noisy_branch: str = ''
+    teacher_renorm: bool = False
     # optimization
-    epochs: int = 300
+    epochs: int | None = None
     batch_size: int = 512
     accum_iter: int = 1
     lr: float | None = None
@@ -70,6 +74,8 @@ class TrainConfig:
     ema_decay_init: float = 0.99995
     ema_decay: float = 0.99999
     bf16: bool = False
+    fp16: bool = False
+    fp32: bool = False
     compile: str = ''
     keep_freed_memory: bool = True
     optim: str = 'adamw'
@@ -80,17 +86,18 @@ class TrainConfig:
     csv_main: str = 'data/files_audioset.csv'
     csv_bg_noise: str = ''
     noise_ratio: float = 0.0
-    min_ds_size: int = 10000
+    min_ds_size: int | None = None
     norm_stats: str | None = None
     norm_stats_samples: int = 10000
     num_workers: int = 8
+    pin_mem: bool | None = None
     # run
     output_dir: str = ''
     output_root: str = 'runs'
     log_dir: str = ''
     resume: str = ''
     init: str = ''
-    save_freq: int = 100
+    save_freq: int | None = None
     save_freq_steps: int = 0
     checkpoint_writes: str = 'sync'
     feature_eval_freq: int = 10
@@ -102,6 +109,14 @@ class TrainConfig:
     eval: str = ''
     eval_data_dir: str = ''
     eval_every: int = 0
+
+    def __post_init__(self) -> None:
+        """Options left at None take the value of the model family's recipe (`RECIPES`)."""
+        m = _MODEL_RE.match(self.model or '')
+        recipe = RECIPES['msm_mae' if m and m['family'] == 'msm_mae' else 'm2d']
+        for name, value in recipe.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     # ----- derived ---------------------------------------------------------------------------
 
@@ -145,6 +160,26 @@ class TrainConfig:
             return None
         return parse_mean_std(str(self.norm_stats), '--norm_stats', ConfigError)
 
+    def parsed_target_layers(self) -> tuple[int, ...] | None:
+        """``--target_layers`` as block indices (``[6,7,8]``, ``6,7,8`` or ``6 7 8``); None when not given."""
+        text = str(self.target_layers or '').strip('[]() ')
+        if not text:
+            return None
+        try:
+            layers = tuple(int(p) for p in re.split(r'[\s,]+', text) if p)
+        except ValueError:
+            raise ConfigError(f'--target_layers must list block indices such as 6,7,8, got {self.target_layers!r}') from None
+        depth = self.depth or WIDTHS[_parse_model(self.model)[1]][1]
+        bad = [i for i in layers if not 0 <= i < depth]
+        if bad:
+            raise ConfigError(f'--target_layers {self.target_layers}: {bad} outside the {depth} blocks (0..{depth - 1})')
+        return layers
+
+    @property
+    def noisy(self) -> str:
+        """Which branch sees the noise mixture (M2D-S/X): 'online' or 'teacher' (see `check`)."""
+        return self.noisy_branch or ('teacher' if self.family == 'm2d_x' else 'online')
+
     def model_config(self) -> dict:
         """Keyword arguments of `m2d.models.create_model` (without norm_stats and off_emb_dim)."""
         _, width = _parse_model(self.model)
@@ -155,9 +190,11 @@ class TrainConfig:
                    norm_pix_loss=self.norm_pix_loss, layer_norm_eps=1e-6, mask_ratio=self.mask_ratio,
                    mask_type=self.mask_type, cont_mask=self.cont_mask)
         if self.kind != 'msm_mae':
-            kw['loss_type'] = self.loss_fn
+            kw.update(loss_type=self.loss_fn, target_layers=self.parsed_target_layers())
         if self.kind == 'm2d_s':
-            kw.update(loss_m2d=self.loss_m2d, loss_off=self.loss_off)
+            # the reference initializes M2D-X's offline predictor as MAE (xavier), M2D-S's as PyTorch does
+            kw.update(loss_m2d=self.loss_m2d, loss_off=self.loss_off,
+                      offline_init='xavier' if self.family == 'm2d_x' else 'torch')
         return kw
 
     def effective_batch_size(self, world_size: int) -> int:
@@ -223,6 +260,22 @@ class TrainConfig:
                              f'got --model {self.model}')
         if self.family == 'm2d_x' and self.loss_off and not self.teacher:
             raise ConfigError('--model m2d_x_* with --loss_off > 0 needs --teacher WEIGHTS')
+        if self.noisy_branch and self.noisy_branch not in NOISY_BRANCHES:
+            raise ConfigError(f'--noisy_branch must be one of {", ".join(NOISY_BRANCHES)}, got {self.noisy_branch!r}')
+        if self.noisy_branch and not self.is_speech:
+            raise ConfigError(f'--noisy_branch is for M2D-S/M2D-X models (m2d_s_vit_*, m2d_x_vit_*), got --model '
+                              f'{self.model}')
+        if self.noisy_branch == 'teacher' and self.family == 'm2d_s':
+            raise ConfigError("--noisy_branch teacher is for M2D-X: M2D-S's teacher features are precomputed from "
+                              'clean speech (m2d teacher-features); its online branch sees the mixture')
+        if self.teacher_renorm and not self.teacher:
+            raise ConfigError('--teacher_renorm needs --teacher WEIGHTS (an M2D-X teacher)')
+        if sum((self.bf16, self.fp16, self.fp32)) > 1:
+            raise ConfigError('--bf16, --fp16 and --fp32 exclude each other; give one')
+        self.parsed_target_layers()
+        if self.target_layers and self.kind == 'msm_mae':
+            raise ConfigError('--target_layers needs a model with a target encoder (m2d, m2d_s, m2d_x); '
+                              f'--model {self.model} reconstructs pixels')
         if self.compile and self.compile not in COMPILE_MODES:
             raise ConfigError(f'--compile must be one of {", ".join(COMPILE_MODES)}, got {self.compile!r}')
         if self.checkpoint_writes not in CHECKPOINT_WRITES:
@@ -297,26 +350,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group('model')
     opt(g, 'model', '(m2d|msm_mae|m2d_s|m2d_x)_vit_(tiny|small|base|large)', metavar='MODEL')
-    opt(g, 'input_size', 'input LMS FxT')
+    opt(g, 'input_size', 'input LMS FxT (default 80x608; msm_mae: 80x208)', False, default=None)
     opt(g, 'patch_size', 'patch PHxPW')
     opt(g, 'sr', 'sample rate of the LMS, recorded in the run name')
     opt(g, 'depth', "encoder depth override (default: the width's 12)", False, type=int)
-    opt(g, 'decoder_depth', 'decoder blocks')
-    opt(g, 'decoder_embed_dim', 'decoder width')
-    opt(g, 'decoder_num_heads', 'decoder heads')
-    opt(g, 'mask_ratio', 'masked fraction of patches')
+    opt(g, 'decoder_depth', 'decoder blocks (default 8; msm_mae: 4)', False, default=None, type=int)
+    opt(g, 'decoder_embed_dim', 'decoder width (default 512; msm_mae: 384)', False, default=None, type=int)
+    opt(g, 'decoder_num_heads', 'decoder heads (default 16; msm_mae: 6)', False, default=None, type=int)
+    opt(g, 'mask_ratio', 'masked fraction of patches (default 0.7; msm_mae: 0.75)', False, default=None, type=float)
     opt(g, 'mask_type', 'mask kind', choices=('unstructured', 'structured', 'time_continuous'))
     opt(g, 'cont_mask', 'time-continuous masks of N-time-patch spans (0: off; implies --mask_type time_continuous)')
-    g.add_argument(*_flags('no_norm_pix_loss'), action='store_false', dest='norm_pix_loss',
-                   help='do not standardize the targets per patch / token')
+    g.add_argument(*_flags('norm_pix_loss'), action='store_const', const=True, dest='norm_pix_loss', default=None,
+                   help='standardize the targets per patch / token (default for m2d, m2d_s, m2d_x)')
+    g.add_argument(*_flags('no_norm_pix_loss'), action='store_const', const=False, dest='norm_pix_loss',
+                   help='do not standardize the targets (default for msm_mae: raw-pixel targets)')
+    opt(g, 'target_layers', 'average the outputs of these target-encoder blocks (0-based, e.g. 6,7,8) before '
+        'target_norm, as the reference (default: the last block only)', False)
     opt(g, 'loss_fn', 'M2D loss', choices=('norm_mse', 'mse'))
     opt(g, 'loss_m2d', 'M2D-S/X: weight of the M2D loss')
     opt(g, 'loss_off', 'M2D-S/X: weight of the offline-target loss')
     opt(g, 'off_emb_dim', 'M2D-S/X: offline target width (default: from the data or teacher)', False, type=int)
     opt(g, 'teacher', 'M2D-X: weight file of the teacher model', False)
+    opt(g, 'noisy_branch', 'M2D-S/X with --noise_ratio > 0: the branch that gets the noise mixture; the other gets '
+        'clean input. M2D-X default teacher (clean to online + EMA target, mixture to the teacher, as the '
+        "reference's code); online gives the mixture to the online branch (the reference's comment). M2D-S: "
+        'online only', False, choices=NOISY_BRANCHES)
+    g.add_argument(*_flags('teacher_renorm'), action='store_true', dest='teacher_renorm',
+                   help="M2D-X: re-normalize the teacher's input to the teacher's own norm_stats (default: the "
+                        "student-normalized LMS as is, as the reference)")
 
     g = parser.add_argument_group('optimization')
-    opt(g, 'epochs', 'epochs')
+    opt(g, 'epochs', 'epochs (default 300; msm_mae: 200)', False, default=None, type=int)
     opt(g, 'batch_size', 'batch per process; effective batch = batch_size x accum_iter x processes')
     opt(g, 'accum_iter', 'gradient accumulation steps')
     opt(g, 'lr', 'absolute learning rate (default: blr x effective batch / 256)', False, type=float)
@@ -327,7 +391,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt(g, 'clip_grad', 'gradient norm clip, 0 = off')
     opt(g, 'ema_decay_init', 'EMA decay at step 0')
     opt(g, 'ema_decay', 'EMA decay at the last step')
-    g.add_argument('--bf16', action='store_true', help='bfloat16 autocast (CPU and GPU)')
+    x = g.add_mutually_exclusive_group()
+    x.add_argument('--bf16', action='store_true', help='bfloat16 autocast (the default on GPUs that support it; '
+                   'on a CPU only with this option)')
+    x.add_argument('--fp16', action='store_true', help='CUDA: float16 autocast with loss scaling (the reference\'s '
+                   'default; the default on GPUs without bfloat16)')
+    x.add_argument('--fp32', action='store_true', help='float32 throughout (the default on a CPU)')
     g.add_argument('--compile', nargs='?', const='default', default='', choices=COMPILE_MODES, metavar='MODE',
                    help='torch.compile every transformer block (meant for GPUs; 4 %% faster on a CPU, after the first '
                         'steps compile). MODE: '
@@ -336,8 +405,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(*_flags('no_keep_freed_memory'), dest='keep_freed_memory', action='store_false',
                    help='on CPU, let malloc return freed memory to the system at once (by default it is kept '
                         'for reuse: fewer page faults per step, see m2d.malloc)')
-    opt(g, 'optim', 'adamw (betas 0.9, 0.95) or sgd (momentum 0.9, no weight decay), as the reference',
-        choices=('adamw', 'sgd'))
+    opt(g, 'optim', "adamw (betas 0.9, 0.95) or sgd (momentum 0.9); both with the weight-decay groups, as the "
+        'reference', choices=('adamw', 'sgd'))
     opt(g, 'max_steps', 'stop after this many loader iterations (0: run all epochs)')
     opt(g, 'stop_at', 'stop after this epoch, keeping the schedule of --epochs (0: off)')
 
@@ -347,19 +416,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "README's name)", aliases=('--dataset',))
     opt(g, 'csv_bg_noise', 'M2D-S: CSV of background-noise LMS files', False)
     opt(g, 'noise_ratio', 'M2D-S: noise mixing ratio')
-    opt(g, 'min_ds_size', 'repeat smaller file lists up to this size')
+    opt(g, 'min_ds_size', 'repeat smaller file lists up to this size (default 10000; msm_mae: 0)', False,
+        default=None, type=int)
     opt(g, 'norm_stats', 'MEAN,STD of the LMS (default: computed from random crops)', False)
     opt(g, 'norm_stats_samples', 'random crops used to compute the normalization statistics')
     opt(g, 'num_workers', 'data loader workers per process')
+    g.add_argument(*_flags('pin_mem'), dest='pin_mem', action='store_const', const=True, default=None,
+                   help='pin host memory in the data loader (default: on with CUDA)')
+    g.add_argument(*_flags('no_pin_mem'), dest='pin_mem', action='store_const', const=False,
+                   help='do not pin host memory')
 
     g = parser.add_argument_group('run')
     opt(g, 'output_dir', 'run folder (default: OUTPUT_ROOT/MODEL-FxTpPHxPWpSRk-YYMMDD-mrN)', False)
     opt(g, 'output_root', 'parent of the default run folder')
     opt(g, 'log_dir', 'TensorBoard folder (default: the run folder)', False)
-    opt(g, 'resume', 'continue a run: a checkpoint file, or "auto" for OUTPUT_DIR/checkpoint-last.pth if present',
-        False)
-    opt(g, 'init', 'start from the weights of a full checkpoint (fresh optimizer and schedule)', False)
-    opt(g, 'save_freq', 'write checkpoint-EPOCH.pth every N epochs (and at the end)')
+    opt(g, 'resume', 'continue a run: a checkpoint file of this model\'s run, or "auto" for '
+        'OUTPUT_DIR/checkpoint-last.pth if present. Any other checkpoint (a released M2D one) is loaded as the '
+        'reference does: weights only, non-strictly, from epoch 0 with a new optimizer (as --init)', False)
+    opt(g, 'init', 'start from the weights of a full checkpoint (e.g. a released M2D one), loading what matches '
+        'and naming what starts fresh; new optimizer and schedule, the file\'s norm_stats unless --norm_stats', False)
+    opt(g, 'save_freq', 'write checkpoint-EPOCH.pth every N epochs (and at the end) (default 100; msm_mae: 50)',
+        False, default=None, type=int)
     opt(g, 'save_freq_steps', 'also write checkpoint-last.pth mid-epoch every N loader iterations (at an '
         'optimizer step; use a multiple of --accum_iter; 0: off)')
     opt(g, 'checkpoint_writes', 'sync: the step waits while a checkpoint is written; background: the step waits '
@@ -380,10 +457,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt(g, 'eval_every', 'evaluate every N epochs (writing checkpoint-EPOCH.pth then too); 0: each '
         '--save_freq checkpoint', metavar='N')
 
-    g = parser.add_argument_group('reference options accepted and ignored')
-    for name in dict.fromkeys(f for n in IGNORED_OPTIONS for f in _flags(n)):
-        g.add_argument(name, default=None, nargs='?', const=True, metavar='X', help=argparse.SUPPRESS)
-    g.add_argument(*_flags('no_pin_mem'), dest='pin_mem', action='store_const', const=False, help=argparse.SUPPRESS)
+    g = parser.add_argument_group('reference options refused with a message')
+    for name in REFUSED_OPTIONS:
+        g.add_argument(*_flags(name), dest=name, default=None, nargs='?', const=True, metavar='X',
+                       help=argparse.SUPPRESS)
 
 
 CHECKPOINT_WRITES = ('sync', 'background')
@@ -395,12 +472,36 @@ def compile_options(mode: str) -> dict:
     return {'backend': 'eager'} if mode == 'eager' else {'mode': mode}
 
 
-# options of the reference train_audio.py that have no effect here (accepted so old command lines run)
-IGNORED_OPTIONS = ('eval_after', 'start_epoch', 'force_start_epoch', 'pin_mem', 'world_size', 'local_rank',
-                   'dist_on_itp', 'dist_url', 'csv_val', 'target_layers')
+NOISY_BRANCHES = ('teacher', 'online')
+
+# The values of the model families' recipes for the options whose default is None.
+RECIPES = {
+    # train_audio.py (M2D, and M2D-S / M2D-X when trained with it)
+    'm2d': dict(input_size='80x608', decoder_depth=8, decoder_embed_dim=512, decoder_num_heads=16, mask_ratio=0.7,
+                norm_pix_loss=True, epochs=300, min_ds_size=10000, save_freq=100),
+    # mae_train_audio.py + models_mae.msm_mae_vit_base: 384-d, 4-block, 6-head decoder, raw-pixel targets
+    # (MAE's --norm_pix_loss off), mask 0.75, 80x208, 200 epochs, save every 50, no list inflation
+    'msm_mae': dict(input_size='80x208', decoder_depth=4, decoder_embed_dim=384, decoder_num_heads=6, mask_ratio=0.75,
+                    norm_pix_loss=False, epochs=200, min_ds_size=0, save_freq=50),
+}
+
+# Options of the reference scripts that m2d does not have; given, they stop the run with the reason.
+_TORCHRUN = 'processes come from torchrun (torchrun --nproc_per_node N -m m2d pretrain ...)'
+_EPOCH = ('a run continues from its checkpoint\'s epoch with --resume; --init or a released checkpoint starts at '
+          'epoch 0')
+REFUSED_OPTIONS = {
+    'eval_after': 'evaluation runs with --eval TASK and --eval_every N',
+    'start_epoch': _EPOCH, 'force_start_epoch': _EPOCH,
+    'world_size': _TORCHRUN, 'local_rank': _TORCHRUN, 'dist_on_itp': _TORCHRUN, 'dist_url': _TORCHRUN,
+    'csv_val': 'no validation loss here; follow the run with --eval or the effective rank (--feature_eval_freq)',
+}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """A checked `TrainConfig` from parsed options (unknown attributes are ignored)."""
+    """A checked `TrainConfig` from parsed options (unknown attributes are ignored); a refused
+    reference option raises `ConfigError` with the reason."""
+    for name, reason in REFUSED_OPTIONS.items():
+        if getattr(args, name, None) is not None:
+            raise ConfigError(f'--{name} is not an option of m2d pretrain: {reason}')
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names}).check()

@@ -1,7 +1,7 @@
 """The pre-training loop of MSM-MAE, M2D, M2D-S and M2D-X: one function, `train(opts)`.
 
 In the spirit of nanoGPT's ``train.py``: set up (processes, data, model, optimizer, resume),
-then one loop over micro-steps with gradient accumulation, bf16 autocast, clipping, AdamW,
+then one loop over micro-steps with gradient accumulation, autocast (`m2d.train.precision`), clipping, AdamW,
 the EMA target update, logging, checkpoints and their evaluation. Exact resume: every crop and
 mask is a function of (seed, epoch, sample index) (`m2d.train.seeding`), the sampler restarts
 mid-epoch, and model, optimizer, step and RNG states come back from the checkpoint
@@ -23,7 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import normalize_keys, read_state_dict
+from ..checkpoint import infer_vit_config, name_from_path, normalize_keys, read_state_dict
 from ..data.datasets import LMSDataset, compute_norm_stats
 from ..data.filelist import DataError
 from ..data.speech import build_speech_dataset
@@ -32,7 +32,7 @@ from ..malloc import keep_freed_memory
 from ..masking import make_mask
 from ..models import create_model
 from ..optim import param_groups
-from . import distributed, seeding, state
+from . import distributed, precision, seeding, state
 from .config import ConfigError, TrainConfig, compile_options
 from .evaluation import LINEAR_EVAL, CheckpointEvaluator
 from .monitor import Monitor, RunLog, encoder_effective_rank
@@ -99,8 +99,9 @@ def make_loader(opts: TrainConfig, env: distributed.DistEnv,
     if sampler.num_samples < opts.batch_size:
         raise DataError(f'{opts.csv_main}: {len(dataset)} items give {sampler.num_samples} per process, fewer than '
                         f'--batch_size {opts.batch_size}; use a smaller batch or a larger --min_ds_size')
+    pin = opts.pin_mem if opts.pin_mem is not None else env.device.type == 'cuda'
     loader = DataLoader(items, batch_size=opts.batch_size, sampler=sampler, num_workers=opts.num_workers,
-                        pin_memory=env.device.type == 'cuda', drop_last=True,
+                        pin_memory=pin, drop_last=True,
                         persistent_workers=opts.num_workers > 0)
     return items, sampler, loader
 
@@ -108,12 +109,12 @@ def make_loader(opts: TrainConfig, env: distributed.DistEnv,
 def make_optimizer(model: torch.nn.Module, opts: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """AdamW(0.9, 0.95) over the trainable parameters (no decay on biases, norms, 1-D), fused where supported.
 
-    ``--optim sgd``: SGD with momentum 0.9 and no weight decay, as the reference's option.
+    ``--optim sgd``: SGD with momentum 0.9 over the same groups; as in the reference, the groups'
+    own weight decay (``--weight_decay`` on weights, 0 on the rest) overrides SGD's default of 0.
     """
     groups = param_groups(model, opts.weight_decay)
     if opts.optim == 'sgd':
-        return torch.optim.SGD([p for g in groups for p in g['params']], lr=lr, momentum=0.9, weight_decay=0.0,
-                               foreach=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, foreach=True)
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
     except (RuntimeError, TypeError) as e:  # fused needs a supported device and dtype
@@ -122,38 +123,101 @@ def make_optimizer(model: torch.nn.Module, opts: TrainConfig, lr: float, device:
 
 
 def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-                 clip_grad: float, decay: float) -> float:
+                 clip_grad: float, decay: float, scaler: torch.amp.GradScaler | None = None) -> float:
     """After the backward passes of a group: clip (foreach), AdamW step, zero grads, EMA of the target.
 
     Returns the gradient norm before clipping; when it is not finite, nothing is updated.
     The gradients are scaled only when the norm exceeds `clip_grad` (``clip_grad_norm_`` also
     multiplies by 1.0 otherwise: a full pass over the gradients that changes nothing).
+    With an enabled `scaler` (float16), the gradients are unscaled first and a non-finite norm is an
+    overflow: the step is skipped and the scale lowered, as the reference's loss scaler does.
     """
+    scaling = scaler is not None and scaler.is_enabled()
+    if scaling:
+        scaler.unscale_(optimizer)
     total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
     norm = float(total)
     if math.isfinite(norm):
         if clip_grad > 0 and clip_grad / (norm + 1e-6) < 1.0:  # the coefficient clip_grad_norm_ uses
             torch.nn.utils.clip_grads_with_norm_(params, clip_grad, total, foreach=True)
-        optimizer.step()
+        if scaling:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
         model.update_target(decay)
+    if scaling:
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return norm
 
 
-def load_init(model: torch.nn.Module, path: str) -> None:
-    """``--init``: the weights of a full checkpoint, loaded strictly (norm_stats stay the data's)."""
+def read_init(path: str, option: str = '--init') -> dict[str, torch.Tensor]:
+    """The state dict of an ``--init`` file (official key names)."""
     sd, _ = read_state_dict(path)
-    sd = normalize_keys(sd)
+    if not sd:
+        raise ConfigError(f'{option} {path}: no weights in the file')
+    return normalize_keys(sd)
+
+
+def file_norm_stats(sd: dict[str, torch.Tensor]) -> tuple[float, float] | None:
+    """The (mean, std) a checkpoint's state dict stores, if it does."""
+    ns = sd.get('norm_stats')
+    return None if ns is None or ns.numel() < 2 else tuple(float(v) for v in ns.flatten()[:2])
+
+
+def _geometry(input_hw: Sequence[int], patch_hw: Sequence[int]) -> str:
+    return f'{input_hw[0]}x{input_hw[1]}p{patch_hw[0]}x{patch_hw[1]}'
+
+
+def check_geometry(sd: dict[str, torch.Tensor], model: torch.nn.Module, source: str, option: str) -> None:
+    """A `ConfigError` naming both geometries and the options to change when the checkpoint's
+    patches or positions cannot hold the model's."""
+    if 'patch_embed.proj.weight' not in sd:
+        raise ConfigError(f'{option} {source}: no patch_embed.proj.weight; not an M2D checkpoint')
+    cfg = model.config
+    try:
+        theirs = infer_vit_config(sd, name_from_path(source), source)
+    except M2DError as e:
+        raise ConfigError(f'{option} {source}: {e}') from None
+    t_in, t_patch = tuple(theirs.input_size), tuple(theirs.patch_size)
+    same_positions = (sd['pos_embed'].shape[1] == model.pos_embed.shape[1] if 'pos_embed' in sd
+                      else t_in == tuple(cfg.input_size))
+    if t_patch == tuple(cfg.patch_size) and same_positions:
+        return
+    fixes = []
+    if tuple(t_in) != tuple(cfg.input_size):
+        fixes.append(f'--input_size {t_in[0]}x{t_in[1]}')
+    if tuple(t_patch) != tuple(cfg.patch_size):
+        fixes.append(f'--patch_size {t_patch[0]}x{t_patch[1]}')
+    raise ConfigError(f'{option} {source}: the checkpoint is {_geometry(t_in, t_patch)} but the model is '
+                      f'{_geometry(cfg.input_size, cfg.patch_size)}; set {" ".join(fixes) or "--input_size"} '
+                      'to match the checkpoint')
+
+
+def load_init(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, option: str = '--init') -> list[str]:
+    """Load the tensors of `sd` that this model has, non-strictly (the reference's ``strict=False``);
+    the model's ``norm_stats`` stay as built. Returns the names that keep their fresh initialization.
+
+    Errors (`ConfigError`, naming the option): another geometry, tensors of another shape, or no
+    online encoder in the file.
+    """
+    check_geometry(sd, model, source, option)
     own = model.state_dict()
-    sd['norm_stats'] = own['norm_stats']
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    sd = {k: v for k, v in sd.items() if k != 'norm_stats'}
     shapes = [f'{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}' for k, v in own.items()
               if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise ConfigError(f'--init {path}: not a full checkpoint of this model: missing {_few(missing)}, unexpected '
-                          f'{_few(unexpected)}, other shapes {_few(shapes)}')
-    model.load_state_dict(sd, strict=True)
-    log.info('initialized all %d tensors from %s', len(own), path)
+    encoder = [k for k in own if k.startswith(('patch_embed.', 'blocks.', 'norm.', 'cls_token'))]
+    no_encoder = [k for k in encoder if k not in sd]
+    if shapes or no_encoder:
+        raise ConfigError(f'{option} {source}: not a full checkpoint of this model: other shapes {_few(shapes)}, '
+                          f'missing encoder tensors {_few(no_encoder)}')
+    fresh = sorted(k for k in own if k not in sd and k != 'norm_stats')
+    unused = sorted(k for k in sd if k not in own)
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    log.info('%s %s: loaded %d of %d tensors; initialized fresh: %s%s', option, source,
+             len(own) - len(fresh) - 1, len(own) - 1, ', '.join(fresh) or 'none',
+             f'; not used: {", ".join(unused)}' if unused else '')
+    return fresh
 
 
 def _few(names: list[str], n: int = 4) -> str:
@@ -161,21 +225,23 @@ def _few(names: list[str], n: int = 4) -> str:
 
 
 def build_model(opts: TrainConfig, dataset: Dataset, norm_stats: tuple[float, float], device: torch.device,
-                init: str = '') -> tuple[torch.nn.Module, torch.nn.Module | None, dict]:
-    """The model on `device` (the same initial weights on every process, or those of `init`), the
-    M2D-X runtime teacher (None otherwise), and the model's `create_model` keywords."""
+                init: dict[str, torch.Tensor] | None = None, init_source: str = '',
+                init_option: str = '--init') -> tuple[torch.nn.Module, torch.nn.Module | None, dict]:
+    """The model on `device` (the same initial weights on every process, then what it shares with the
+    state dict `init`), the M2D-X runtime teacher (None otherwise), and the model's `create_model` keywords."""
     teacher = None
     if opts.family == 'm2d_x' and opts.teacher:
         from ..teacher import runtime_teacher  # the teacher's code only when there is one
 
-        teacher = runtime_teacher(opts.teacher, device, input_norm_stats=norm_stats)
+        # the reference feeds the teacher the student-normalized LMS as is (--teacher_renorm: its own stats)
+        teacher = runtime_teacher(opts.teacher, device, input_norm_stats=norm_stats if opts.teacher_renorm else None)
     model_kw = opts.model_config()
     if opts.kind == 'm2d_s':
         model_kw['off_emb_dim'] = _infer_off_emb_dim(opts, dataset, teacher)
     torch.manual_seed(opts.seed)
     model = create_model(opts.kind, **model_kw, norm_stats=norm_stats)
-    if init:
-        load_init(model, init)
+    if init is not None:
+        load_init(model, init, init_source, init_option)
     return model.to(device), teacher, model_kw
 
 
@@ -184,6 +250,8 @@ def _infer_off_emb_dim(opts: TrainConfig, dataset: Dataset, teacher) -> int:
         return opts.off_emb_dim
     if teacher is not None:
         return int(teacher.feature_d)
+    if opts.family == 'm2d_x':
+        return 3840  # the reference's M2D-X without a teacher (an M2D base teacher's width)
     item = dataset[0]
     if isinstance(item, dict) and 'target_offline' in item:
         return int(item['target_offline'].shape[-1])
@@ -200,9 +268,17 @@ def _norm_stats(opts: TrainConfig, env: distributed.DistEnv) -> tuple[float, flo
 
 def _inputs(batch: dict, model: torch.nn.Module, teacher, opts: TrainConfig, env: distributed.DistEnv, step: int,
             autocast) -> tuple[torch.Tensor, tuple, torch.Tensor | None]:
-    """Model input ``[B, 1, F, T]``, mask (ids_restore, len_keep) and offline target of a batch."""
+    """Model input ``[B, 1, F, T]``, mask (ids_restore, len_keep) and offline target of a batch.
+
+    Speech batches hold 'x' (the noise mixture) and 'clean'. ``opts.noisy`` == 'teacher' (M2D-X's
+    default, as the reference's loop): clean input to the online and EMA-target branches, the mixture
+    to the runtime teacher; 'online': the mixture to the online branch, clean input to the teacher.
+    """
     device = env.device
-    x = batch['x'].to(device, non_blocking=True)
+    online_key, teacher_key = 'x', 'clean'
+    if 'clean' in batch and opts.noisy == 'teacher':
+        online_key, teacher_key = 'clean', 'x'
+    x = batch[online_key].to(device, non_blocking=True)
     if 'ids_restore' in batch:  # drawn per sample by the loader
         mask = (batch['ids_restore'].to(device, non_blocking=True), int(batch['len_keep'][0]))
     else:
@@ -211,7 +287,7 @@ def _inputs(batch: dict, model: torch.nn.Module, teacher, opts: TrainConfig, env
     target = batch.get('target_offline')
     if teacher is not None:
         with autocast:
-            target = teacher(batch.get('clean', batch['x']).to(device), frames=opts.grid_size[1])
+            target = teacher(batch.get(teacher_key, batch['x']).to(device), frames=opts.grid_size[1])
     elif target is not None:
         target = target.to(device, non_blocking=True)
     return x, mask, target
@@ -266,11 +342,28 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
         log.debug('malloc keeps freed memory for reuse (--no_keep_freed_memory to turn off)')
     out_dir = Path(distributed.broadcast_object(str(opts.resolve_output_dir()), env))
     resume_path, ckpt = state.open_resume(opts.resume, out_dir)
-    if opts.init and ckpt is not None:
+    init_sd, init_source, init_option = None, opts.init, '--init'
+    if ckpt is not None and not state.is_run_state(ckpt, opts):
+        log.info('--resume %s: not a run state of %s %s; loading its weights as the reference does (non-strict, '
+                 'epoch 0, new optimizer and warmup, the file\'s norm_stats)', resume_path, opts.model,
+                 _geometry(opts.input_hw, opts.patch_hw))
+        init_sd, init_source, init_option = normalize_keys(ckpt['model']), str(resume_path), '--resume'
+        resume_path, ckpt = None, None
+    elif opts.init and ckpt is not None:
         log.info('--init %s ignored: resuming from %s', opts.init, resume_path)
+        init_source = ''
+    elif opts.init:
+        init_sd = read_init(opts.init)
 
     # ----- data --------------------------------------------------------------------------------
-    norm_stats = state.norm_stats_of(ckpt) if ckpt is not None else _norm_stats(opts, env)
+    given_stats = opts.parsed_norm_stats()
+    if ckpt is not None:
+        norm_stats = state.norm_stats_of(ckpt)
+    elif init_sd is not None and given_stats is None and file_norm_stats(init_sd) is not None:
+        norm_stats = file_norm_stats(init_sd)
+        log.info('norm_stats %.4f, %.4f from %s (--norm_stats to override)', *norm_stats, init_source)
+    else:
+        norm_stats = _norm_stats(opts, env)
     dataset = build_dataset(opts, norm_stats)
     dataset[0]  # unreadable data fails now, before the run folder exists
     norm_stats = tuple(getattr(dataset, 'norm_stats', None) or norm_stats)
@@ -282,9 +375,10 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
     lr = opts.lr if opts.lr is not None else base_to_absolute_lr(opts.blr, eff_batch)
 
     # ----- model, teacher, optimizer, resume -------------------------------------------------------
-    raw_model, teacher, model_kw = build_model(opts, dataset, norm_stats, device, '' if ckpt else opts.init)
+    raw_model, teacher, model_kw = build_model(opts, dataset, norm_stats, device, init_sd, init_source, init_option)
+    del init_sd
     optimizer = make_optimizer(raw_model, opts, lr, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling; kept for the container
+    precision_name, autocast, scaler = precision.setup(opts, device)
     start_epoch, start_iter = 0, 0
     if ckpt is not None:
         start_epoch, start_iter = state.restore(ckpt, resume_path, raw_model, optimizer, scaler, iters_per_epoch,
@@ -319,7 +413,6 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
     evaluator = CheckpointEvaluator(out_dir, opts.eval_task_args(), device=str(device), command=eval_command,
                                     enabled=env.is_main)
     feature_batches = _feature_sample(items, opts, env)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16)
 
     # ----- the loop ----------------------------------------------------------------------------
     loss_value, epoch_pos, lr_now, decay = None, float(start_epoch), lr, opts.ema_decay_init
@@ -347,12 +440,16 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
                 loss_value = distributed.mean_over_ranks(loss.detach().float(), env).item()
                 _check_finite('loss', loss_value, step, epoch, it, checkpoints.last)
                 with _no_sync(model, sync):
-                    (loss / opts.accum_iter).backward()
+                    scaler.scale(loss / opts.accum_iter).backward()
                 grad_norm = None
                 if sync:
                     decay = ema_decay(step, total_steps, opts.ema_decay_init, opts.ema_decay)
-                    grad_norm = apply_update(raw_model, optimizer, trainable, opts.clip_grad, decay)
-                    _check_finite('gradient norm', grad_norm, step, epoch, it, checkpoints.last)
+                    grad_norm = apply_update(raw_model, optimizer, trainable, opts.clip_grad, decay, scaler)
+                    if scaler.is_enabled() and not math.isfinite(grad_norm):
+                        log.info('float16 overflow at step %d: update skipped, loss scale now %g', step + 1,
+                                 scaler.get_scale())
+                    else:
+                        _check_finite('gradient norm', grad_norm, step, epoch, it, checkpoints.last)
                 step += 1
                 epoch_pos = epoch + (it + 1) / iters_per_epoch
                 monitor.step(step, epoch_pos, loss_value, lr_now, decay, grad_norm,
@@ -374,7 +471,8 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
             epoch_done = epoch + 1
             values = {}
             if feature_batches is not None and epoch_done % opts.feature_eval_freq == 0:
-                values['effective_rank'] = _effective_rank(raw_model, feature_batches, device, opts.bf16)
+                values['effective_rank'] = _effective_rank(raw_model, feature_batches, device,
+                                                           precision_name == 'bf16')
             monitor.epoch(epoch_done, step, lr=lr_now, ema_decay=decay, **values)
             if opts.stop_at and epoch_done >= opts.stop_at:
                 log.info('--stop_at %d: stopping after epoch %d', opts.stop_at, epoch_done)

@@ -115,6 +115,19 @@ def open_resume(resume: str, out_dir: Path) -> tuple[Path | None, dict[str, Any]
     return path, (load(path) if path is not None else None)
 
 
+def is_run_state(ckpt: dict[str, Any], opts: Any) -> bool:
+    """Whether `ckpt` is a state this run can continue exactly: written by m2d's trainer (it has
+    'optimizer' and 'step') for the same model and geometry. Anything else (a released checkpoint,
+    another model's run) is loaded as weights only, as the reference's ``--resume`` does."""
+    args = ckpt.get('args')
+    if 'optimizer' not in ckpt or 'step' not in ckpt or args is None:
+        return False
+    same = (getattr(args, 'model', None) == opts.model and
+            [int(v) for v in getattr(args, 'input_size', ())] == list(opts.input_hw) and
+            [int(v) for v in getattr(args, 'patch_size', ())] == list(opts.patch_hw))
+    return bool(same)
+
+
 def norm_stats_of(ckpt: dict[str, Any]) -> tuple[float, float]:
     """The (mean, std) a checkpoint's model was trained with."""
     return tuple(float(v) for v in ckpt['model']['norm_stats'].flatten()[:2])

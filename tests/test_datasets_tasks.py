@@ -393,3 +393,22 @@ def test_linear_eval_reads_the_prepared_csv(tmp_path, clips):
                  '--unit_sec', '1.0', '--no_baselines', '--no_figures', '--quiet']) == 0
     report = json.loads((out / 'report.json').read_text())
     assert sum(report['task']['clips'].values()) == 24
+
+
+def test_download_when_no_source(tmp_path, clips, monkeypatch):
+    """A task with a public archive downloads it (here a file:// URL standing in for GitHub's)."""
+    import dataclasses
+
+    from m2d.data.tasks import esc50
+
+    expected = mock_esc50(tmp_path / 'src', clips)
+    archive = tmp_path / 'master.zip'
+    with zipfile.ZipFile(archive, 'w') as z:
+        for p in sorted((tmp_path / 'src').rglob('*')):
+            if p.is_file():
+                z.write(p, p.relative_to(tmp_path / 'src').as_posix())
+    monkeypatch.setattr(esc50, 'SPEC', dataclasses.replace(esc50.SPEC, urls=(archive.as_uri(),)))
+    r = prepare_task('esc50', tmp_path / 'D', workers=0, progress=False)
+    check(tmp_path / 'D', 'esc50', expected, 'fold')
+    assert r.rows == 10 and not (tmp_path / 'D' / prep.WORK).exists()  # the download is removed once prepared
+    assert json.loads((tmp_path / 'D/PREPARED.json').read_text())['source'] == [archive.as_uri()]

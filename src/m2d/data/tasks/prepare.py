@@ -128,10 +128,16 @@ def _read(item: jobs.Item):
 
 
 def _write(item: jobs.Item, wav) -> None:
+    """16-bit WAV (as EVAR's prepare_wav.py), encoded in memory: libsndfile syncs files it writes
+    to disk on close, which costs more than the conversion itself."""
+    import io
+
     import soundfile as sf
 
+    buf = io.BytesIO()
+    sf.write(buf, wav, _STATE['sr'], subtype='PCM_16', format='WAV')
     with atomic_path(item.dst) as tmp:
-        sf.write(str(tmp), wav, _STATE['sr'], subtype='PCM_16', format='WAV')
+        tmp.write_bytes(buf.getbuffer())
 
 
 # ----- the task ----------------------------------------------------------------------------------
@@ -186,7 +192,7 @@ def prepare_task(task: str, dest: str | Path, sources: list[str] | None = None, 
                         official=spec.size, rows=int(done.get('files', 0)))
     work = dest / WORK
     paths = resolve_sources(spec, list(sources or []), work, progress)
-    source = Source(paths, work / 'unpacked')
+    source = Source(paths, work / 'unpacked', progress)
     rows, root = _rows_of(spec, source, split_files)
     present = [r for r in rows if root + r.member in source.where]
     if not present:

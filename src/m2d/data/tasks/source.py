@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 from ...audio import AUDIO_SUFFIXES
-from ...fileio import atomic_path, is_temporary
+from ...fileio import is_temporary
 from .spec import DatasetError
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class Source:
     """The union of folders and archives. `names`: every file; `src_path(name)`: a path the audio
     reader takes (a zip member is ``ZIP/member``, read by `read_member`)."""
 
-    def __init__(self, paths: list[Path], work: Path):
+    def __init__(self, paths: list[Path], work: Path, progress: bool = True):
         self.paths = [Path(p) for p in paths]
         self.where: dict[str, tuple[str, Path]] = {}  # name -> (kind, folder or zip)
         for path in self.paths:
@@ -40,7 +40,8 @@ class Source:
             elif is_zip(path):
                 self._add_zip(path)
             elif path.is_file() and _is_tar(path):
-                self._add_folder(self._unpack_tar(path, work / re.sub(r'\.(tar(\.\w+)?|tgz)$', '', path.name)))
+                into = work / re.sub(r'\.(tar(\.\w+)?|tgz)$', '', path.name)
+                self._add_folder(self._unpack_tar(path, into, progress))
             elif path.exists():
                 raise DatasetError(f'{path}: not a folder, zip or tar archive')
             else:
@@ -67,14 +68,16 @@ class Source:
             raise DatasetError(f'{path}: a corrupt zip archive ({e})') from None
 
     @staticmethod
-    def _unpack_tar(path: Path, into: Path) -> Path:
-        """Unpack the audio and metadata members of a tar archive into `into` (kept whole-or-absent
-        per file; members already there with their size are not unpacked again)."""
+    def _unpack_tar(path: Path, into: Path, progress: bool) -> Path:
+        """Unpack the audio and metadata members of a tar archive into the work folder `into`;
+        members already there with their size are not unpacked again (a file cut short by a kill
+        has another size, so it is unpacked anew)."""
         from tqdm import tqdm
 
         log.info('%s: unpacking into %s', path, into)
         try:
-            with tarfile.open(path) as tar, tqdm(desc=f'unpack {path.name}', unit='file', leave=False) as bar:
+            with tarfile.open(path) as tar, tqdm(desc=f'unpack {path.name}', unit='file', leave=False,
+                                                        disable=not progress) as bar:
                 for m in tar:
                     name = m.name.lstrip('./')
                     if not m.isfile() or not name.lower().endswith(_KEEP) or '..' in Path(name).parts:
@@ -82,7 +85,8 @@ class Source:
                     out = into / name
                     if out.is_file() and out.stat().st_size == m.size:
                         continue
-                    with tar.extractfile(m) as src, atomic_path(out) as tmp, open(tmp, 'wb') as dst:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    with tar.extractfile(m) as src, open(out, 'wb') as dst:
                         shutil.copyfileobj(src, dst)
                     bar.update(1)
         except (tarfile.TarError, OSError, EOFError) as e:

@@ -5,7 +5,6 @@ the audio rate, failures, resume after an interruption, partial sources, archive
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import shutil
@@ -13,7 +12,6 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
 
@@ -45,6 +43,15 @@ def write_csv(path: Path, header: list[str], rows: list) -> Path:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
+    return path
+
+
+def zip_folder(folder: Path, path: Path) -> Path:
+    """A zip of the files under `folder`, named relative to it."""
+    with zipfile.ZipFile(path, 'w') as z:
+        for p in sorted(folder.rglob('*')):
+            if p.is_file():
+                z.write(p, p.relative_to(folder).as_posix())
     return path
 
 
@@ -142,11 +149,7 @@ def mock_spc(root: Path, clips) -> list[tuple]:
 
 def test_spcv2_zip_and_spcv1_folder(tmp_path, clips):
     expected = mock_spc(tmp_path / 'spc', clips)
-    archive = tmp_path / 'speech_commands_v0.02.zip'
-    with zipfile.ZipFile(archive, 'w') as z:
-        for p in sorted((tmp_path / 'spc').rglob('*')):
-            if p.is_file():
-                z.write(p, p.relative_to(tmp_path / 'spc').as_posix())
+    archive = zip_folder(tmp_path / 'spc', tmp_path / 'speech_commands_v0.02.zip')
     run('spcv2', tmp_path / 'D2', archive, workers=2)  # zip members read in worker processes
     check(tmp_path / 'D2', 'spcv2', expected)
     run('spcv1', tmp_path / 'D1', tmp_path / 'spc')
@@ -402,11 +405,7 @@ def test_download_when_no_source(tmp_path, clips, monkeypatch):
     from m2d.data.tasks import esc50
 
     expected = mock_esc50(tmp_path / 'src', clips)
-    archive = tmp_path / 'master.zip'
-    with zipfile.ZipFile(archive, 'w') as z:
-        for p in sorted((tmp_path / 'src').rglob('*')):
-            if p.is_file():
-                z.write(p, p.relative_to(tmp_path / 'src').as_posix())
+    archive = zip_folder(tmp_path / 'src', tmp_path / 'master.zip')
     monkeypatch.setattr(esc50, 'SPEC', dataclasses.replace(esc50.SPEC, urls=(archive.as_uri(),)))
     r = prepare_task('esc50', tmp_path / 'D', workers=0, progress=False)
     check(tmp_path / 'D', 'esc50', expected, 'fold')

@@ -11,6 +11,8 @@ from pathlib import Path
 from .spec import DatasetError, Row, TaskSpec, View, package_list, read_split_file
 
 _CLIP = re.compile(r'^([^/]+)/([^/]+)\.(wav|au)$')
+GENRES = r'(blues/blues|classical/classical|country/country|disco/disco|hiphop/hiphop|jazz/jazz|metal/metal|' \
+         r'pop/pop|reggae/reggae|rock/rock)'
 SPLITS = ('train', 'valid', 'test')
 
 
@@ -47,7 +49,7 @@ def rows(view: View, split_files: list[Path]) -> list[Row]:
 
 
 SPEC = TaskSpec(
-    name='gtzan', title='GTZAN Genre Collection', size=930, rows=rows, marker=r'blues/blues\.\d{5}\.(wav|au)',
+    name='gtzan', title='GTZAN Genre Collection', size=930, rows=rows, marker=GENRES + r'\.\d{5}\.(wav|au)',
     license='none stated (copyrighted recordings; research use)',
     citation='G. Tzanetakis, P. Cook, "Musical genre classification of audio signals," IEEE Trans. Speech and '
              'Audio Processing 10(5), 2002.',

@@ -77,6 +77,17 @@ def _write_json(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2) + '\n')
 
 
+def _started(dest: Path, spec: TaskSpec, sample_rate: int) -> None:
+    """Mark DEST as being prepared for this task and rate (what `_check_dest` reads)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    _write_json(dest / STARTED, {'task': spec.name, 'sample_rate': sample_rate})
+
+
+def _group_order(group: str) -> tuple:
+    """train, valid, test, then folds in numeric order."""
+    return {'train': 0, 'valid': 1, 'test': 2}.get(group, 3), int(group) if group.isdigit() else 0, group
+
+
 def no_source_message(spec: TaskSpec) -> str:
     return (f'{spec.name}: give --source (no download: {spec.where}). --source expects {spec.layout}'
             + (f'; --split_file: {spec.split_file}' if spec.split_file else ''))
@@ -191,6 +202,8 @@ def prepare_task(task: str, dest: str | Path, sources: list[str] | None = None, 
         return Prepared(task, dest, [dest / f'{t}.csv' for t in spec.tasks], done.get('counts', {}), already=True,
                         official=spec.size, rows=int(done.get('files', 0)))
     work = dest / WORK
+    if not sources and spec.urls or any('://' in str(s) for s in sources or []):
+        _started(dest, spec, sample_rate)  # a download into DEST: mark it as this task's first
     paths = resolve_sources(spec, list(sources or []), work, progress)
     source = Source(paths, work / 'unpacked', progress)
     rows, root = _rows_of(spec, source, split_files)
@@ -198,8 +211,7 @@ def prepare_task(task: str, dest: str | Path, sources: list[str] | None = None, 
     if not present:
         raise DatasetError(f'{source.describe(root)}: none of the {len(rows)} clips of {task} is there; '
                            f'--source expects {spec.layout}')
-    dest.mkdir(parents=True, exist_ok=True)
-    _write_json(dest / STARTED, {'task': spec.name, 'sample_rate': sample_rate})
+    _started(dest, spec, sample_rate)
 
     missing = [(source.describe(root + r.member), f'{source.describe(root + r.member)}: not in the source')
                for r in rows if root + r.member not in source.where]
@@ -220,7 +232,7 @@ def prepare_task(task: str, dest: str | Path, sources: list[str] | None = None, 
     for t in spec.tasks:
         result.csvs.append(_write_csv(dest / f'{t}.csv', spec.column,
                                       [(r.out_name, r.labels[t], r.group) for r in kept if t in r.labels]))
-    result.counts = dict(sorted(Counter(r.group for r in kept).items()))
+    result.counts = dict(sorted(Counter(r.group for r in kept).items(), key=lambda kv: _group_order(kv[0])))
     _write_json(dest / PREPARED, {
         'task': spec.name, 'tasks': list(spec.tasks), 'source': [str(p) for p in (sources or spec.urls)],
         'sample_rate': sample_rate, 'counts': result.counts, 'files': len(kept), 'official_files': official,

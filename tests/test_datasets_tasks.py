@@ -411,3 +411,23 @@ def test_download_when_no_source(tmp_path, clips, monkeypatch):
     check(tmp_path / 'D', 'esc50', expected, 'fold')
     assert r.rows == 10 and not (tmp_path / 'D' / prep.WORK).exists()  # the download is removed once prepared
     assert json.loads((tmp_path / 'D/PREPARED.json').read_text())['source'] == [archive.as_uri()]
+
+
+def test_split_files_replace_the_shipped_lists(tmp_path, clips):
+    for i, c in enumerate(clips[:4]):
+        put(tmp_path / 'g/genres/rock' / f'rock.0000{i}.wav', c)
+    lists = []
+    for split, names in {'train': [0, 1], 'valid': [2], 'test': []}.items():
+        lists.append(tmp_path / f'{split}_filtered.txt')
+        lists[-1].write_text(''.join(f'rock/rock.0000{i}.wav\n' for i in names))
+    run('gtzan', tmp_path / 'G', tmp_path / 'g', split_files=lists)
+    check(tmp_path / 'G', 'gtzan', [('rock/rock.00000.wav', 'rock', 'train'), ('rock/rock.00001.wav', 'rock', 'train'),
+                                    ('rock/rock.00002.wav', 'rock', 'valid')])
+    with pytest.raises(DatasetError, match='train, valid and test'):
+        run('gtzan', tmp_path / 'G2', tmp_path / 'g', split_files=lists[:2])
+    put(tmp_path / 'c' / '1001_DFA_ANG_XX.wav', clips[0])
+    put(tmp_path / 'c' / '1001_DFA_DIS_XX.wav', clips[1])
+    own = write_csv(tmp_path / 'mine.csv', ['file_name', 'label', 'split'],
+                    [('1001_DFA_ANG_XX.wav', 'ANG', 'train'), ('1001_DFA_DIS_XX.wav', 'DIS', 'valid')])
+    run('cremad', tmp_path / 'C', tmp_path / 'c', split_files=[own])
+    check(tmp_path / 'C', 'cremad', [('1001_DFA_ANG_XX.wav', 'ANG', 'train'), ('1001_DFA_DIS_XX.wav', 'DIS', 'valid')])

@@ -34,6 +34,7 @@ class Source:
     def __init__(self, paths: list[Path], work: Path, progress: bool = True):
         self.paths = [Path(p) for p in paths]
         self.where: dict[str, tuple[str, Path]] = {}  # name -> (kind, folder or zip)
+        self.shown: dict[Path, Path] = {}  # the folder a tar archive was unpacked into -> the archive
         for path in self.paths:
             if path.is_dir():
                 self._add_folder(path)
@@ -41,6 +42,7 @@ class Source:
                 self._add_zip(path)
             elif path.is_file() and _is_tar(path):
                 into = work / re.sub(r'\.(tar(\.\w+)?|tgz)$', '', path.name)
+                self.shown[into] = path
                 self._add_folder(self._unpack_tar(path, into, progress))
             elif path.exists():
                 raise DatasetError(f'{path}: not a folder, zip or tar archive')
@@ -95,12 +97,14 @@ class Source:
         return into
 
     def describe(self, name: str) -> str:
-        kind, top = self.where.get(name, ('', self.paths[0] if len(self.paths) == 1 else None))
-        return f'{top}/{name}' if top is not None else name
+        """A readable path of `name`: under its part, or under the only part when it is absent."""
+        if name in self.where:
+            top = self.where[name][1]
+            return f'{self.shown.get(top, top)}/{name}'
+        return f'{self.paths[0]}/{name}' if len(self.paths) == 1 else name
 
     def src_path(self, name: str) -> Path:
-        kind, top = self.where[name]
-        return top / name
+        return self.where[name][1] / name
 
     def read_bytes(self, name: str) -> bytes:
         kind, top = self.where[name]

@@ -63,7 +63,7 @@ def rows(view: View, split_files: list[Path]) -> list[Row]:
 SPEC = TaskSpec(
     name='as20k', title='AudioSet20K', size=None, rows=rows,
     marker=r'(balanced_train_segments|eval_segments)/(.*/)?[^/]+\.wav',
-    license='CC BY 4.0 (labels); the audio belongs to its YouTube uploaders',
+    license='CC BY 4.0 (labels), the audio belongs to its YouTube uploaders',
     citation='J. F. Gemmeke, D. P. W. Ellis, D. Freedman, A. Jansen, W. Lawrence, R. C. Moore, M. Plakal, '
              'M. Ritter, "Audio Set: An ontology and human-labeled dataset for audio events," ICASSP 2017.',
     where='https://research.google.com/audioset/ (the audio is not distributed: bring your own copy)',

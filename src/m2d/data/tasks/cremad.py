@@ -26,7 +26,7 @@ def rows(view: View, split_files: list[Path]) -> list[Row]:
 
 SPEC = TaskSpec(
     name='cremad', title='CREMA-D', size=7438, rows=rows, marker=r'\d{4}_[A-Z]{3}_[A-Z]{3}_[A-Z]{2}\.wav',
-    derived=('cremad_gender',), license='Open Database License (ODbL) 1.0; contents: Database Contents License',
+    derived=('cremad_gender',), license='Open Database License (ODbL) 1.0, contents: Database Contents License',
     citation='H. Cao, D. G. Cooper, M. K. Keutmann, R. C. Gur, A. Nenkova, R. Verma, "CREMA-D: Crowd-Sourced '
              'Emotional Multimodal Actors Dataset," IEEE Trans. Affective Computing 5(4), 2014.',
     where='https://github.com/CheyneyComputerScience/CREMA-D (git lfs; the AudioWAV folder)',

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from m2d import jobs
+from m2d.data.filelist import write_filelist
 from m2d.errors import M2DError
 from m2d.fileio import atomic_path
 
@@ -71,7 +72,8 @@ def test_skip_existing_overwrite_temporaries_and_files_csv(tmp_path):
     src = numbers(tmp_path / 'src', {'a': 1, 'b': 2, 'c/d': 3})
     dest = tmp_path / 'out'
     p = jobs.plan(src, dest, name='square', suffixes=['TXT'])
-    s = jobs.finish(jobs.run(p, read=read_number, transform=square_unless_13, write=write_npy, progress=False), p)
+    s = jobs.finish(jobs.run(p, read=read_number, transform=square_unless_13, write=write_npy, progress=False), p,
+                    files_csv=write_filelist)
     assert s.done == 3 and int(np.load(dest / 'c/d.npy')) == 9
     assert [r['file_name'] for r in csv.DictReader(open(s.files_csv))] == ['out/a.npy', 'out/b.npy', 'out/c/d.npy']
     assert s.failures_csv is None and not (dest / jobs.LOCK_NAME).exists()
@@ -83,17 +85,20 @@ def test_skip_existing_overwrite_temporaries_and_files_csv(tmp_path):
     p = jobs.plan(src, dest, name='square', suffixes=['.txt'])
     assert [i.key for i in p.todo] == ['b'] and [i.key for i in p.skipped] == ['a', 'c/d']
     assert p.removed_temporaries == 1 and not leftover.exists()
-    s = jobs.finish(jobs.run(p, read=read_number, transform=square_unless_13, write=write_npy, progress=False), p)
+    s = jobs.finish(jobs.run(p, read=read_number, transform=square_unless_13, write=write_npy, progress=False), p,
+                    files_csv=write_filelist)
     assert (s.done, s.skipped, s.failed) == (1, 2, []) and len(list(csv.DictReader(open(s.files_csv)))) == 3
 
     p = jobs.plan(src, dest, name='square', suffixes=['.txt'], overwrite=True)
     assert len(p.todo) == 3 and not p.skipped
-    s = jobs.finish(jobs.run(p, read=read_number, transform=square_unless_13, write=write_npy, progress=False), p)
+    s = jobs.finish(jobs.run(p, read=read_number, transform=square_unless_13, write=write_npy, progress=False), p,
+                    files_csv=write_filelist)
     assert s.done == 2 and s.failures_csv == dest / 'square_failures.csv'
     assert 'unlucky' in s.failures_csv.read_text()
     (src / 'a.txt').write_text('1')
     p = jobs.plan(src, dest, name='square', suffixes=['.txt'], overwrite=True)
-    s = jobs.finish(jobs.run(p, read=read_number, transform=square_unless_13, write=write_npy, progress=False), p)
+    s = jobs.finish(jobs.run(p, read=read_number, transform=square_unless_13, write=write_npy, progress=False), p,
+                    files_csv=write_filelist)
     assert not s.failed and not (dest / 'square_failures.csv').exists()  # the stale report is gone
 
 

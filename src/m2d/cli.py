@@ -19,7 +19,7 @@ COMMANDS = {
     'convert': ('convert', 'convert audio files to log-mel .npy files for pre-training'),
     'filelist': ('filelist', 'write files.csv listing the .npy files of a folder'),
     'stats': ('stats', 'normalization statistics (mean, std) of log-mel files'),
-    'datasets': ('datasets', 'download and prepare public datasets (e.g. fsdd)'),
+    'datasets': ('datasets', "prepare EVAR's downstream tasks (esc50, us8k, ...) and fsdd"),
     'pretrain': ('pretrain', 'pre-train MSM-MAE / M2D / M2D-S / M2D-X (torchrun for many GPUs)'),
     'pretrain-speech': ('pretrain_speech', 'pre-train M2D-S with the speech presets'),
     'teacher-features': ('teacher_features', 'compute LMS + teacher (HuBERT) features for M2D-S'),

@@ -125,7 +125,7 @@ def encode_files(runtime, inputs: Iterable[str | Path], output_dir: str | Path |
     s = jobs.run(plan, read=lambda item: load_audio(item.src, sample_rate),
                  transform=_Encoder(runtime, device, layers, pool), write=_save if output_dir is not None else None,
                  batch_key=len, batch_size=batch_size, threads=num_workers, progress=progress)
-    jobs.finish(s, plan, files_csv=False, failures_csv=False)
+    jobs.finish(s, plan, failures_csv=False)
     result = EncodeResult(skipped=[item.src for item in plan.skipped], failed=[(Path(f), r) for f, r in s.failed],
                           npz=Path(npz) if npz is not None else None)
     if result.npz is None:

@@ -6,7 +6,8 @@ temporaries of a killed run and locks the destination folder. `run` reads ahead 
 batches reads that share a key, transforms in this process and writes each output atomically
 (or, with `processes`, does all three per item in worker processes that may die without taking the
 run down). A failing item never stops the others: it becomes a line of `Summary.failed`. `finish`
-writes ``DEST/<name>_failures.csv`` and ``DEST/files.csv`` and releases the lock.
+writes ``DEST/<name>_failures.csv`` (and a file list with the writer the caller passes) and releases
+the lock.
 
     p = jobs.plan('clips/', 'feats/', name='encode')
     s = jobs.finish(jobs.run(p, read=load, transform=encode_batch, write=save, batch_key=len), p)
@@ -294,10 +295,12 @@ def run(plan: Plan, *, read: Callable[[Item], Any], transform: Callable[[list[An
     return s
 
 
-def finish(summary: Summary, plan: Plan, *, files_csv: bool = True, failures_csv: bool = True) -> Summary:
-    """Write ``DEST/<name>_failures.csv`` (or remove a stale one) and ``DEST/files.csv`` (the outputs
-    under DEST, via `m2d.data.filelist`); release the lock; log the one-line result and the first
-    failures."""
+def finish(summary: Summary, plan: Plan, *, files_csv: Callable[..., Path] | None = None,
+           failures_csv: bool = True) -> Summary:
+    """Write ``DEST/<name>_failures.csv`` (or remove a stale one) and, with `files_csv` (a writer
+    called as ``files_csv(DEST, names=...)`` with the outputs' names relative to DEST, such as
+    `m2d.data.filelist.write_filelist`), the file list it returns; release the lock; log the
+    one-line result and the first failures."""
     try:
         if plan.dest is not None and failures_csv:
             path = plan.dest / f'{plan.name}_failures.csv'
@@ -309,11 +312,9 @@ def finish(summary: Summary, plan: Plan, *, files_csv: bool = True, failures_csv
                 summary.failures_csv = path
             elif path.exists():
                 path.unlink()  # the report of an earlier run whose failures are done now
-        if plan.dest is not None and files_csv:
-            from .data.filelist import FILES_CSV, write_filelist
-
+        if plan.dest is not None and files_csv is not None:
             names = plan.existing | {k + plan.out_suffix for k in summary.done_keys}
-            summary.files_csv = write_filelist(plan.dest, plan.dest / FILES_CSV, names=names)
+            summary.files_csv = files_csv(plan.dest, names=names)
     finally:
         plan.release()
     summary.seconds = time.perf_counter() - plan.started

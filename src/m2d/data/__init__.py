@@ -1,6 +1,7 @@
 """Data preparation and training datasets: audio -> log-mel .npy conversion (`convert`), file
 lists (`filelist`), normalization statistics (`stats`), LMS datasets with cropping, normalization
-and noise mixing (`datasets`), the FSDD download helper (`fsdd`).
+and noise mixing (`datasets`), the FSDD download helper (`fsdd`), and EVAR's downstream tasks
+prepared from their published sources (the `tasks` package, `m2d datasets TASK DEST`).
 
 Names are imported lazily, so worker processes load only what they use. `m2d.data.convert` is the
 module; the function is `m2d.data.convert.convert`.

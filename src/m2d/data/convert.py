@@ -21,6 +21,7 @@ import numpy as np
 from .. import jobs
 from ..audio import AUDIO_SUFFIXES, AudioError, read_audio
 from ..fileio import atomic_path
+from .filelist import write_filelist
 
 log = logging.getLogger(__name__)
 
@@ -132,4 +133,4 @@ def convert(src: str | Path, dest: str | Path, sr: int = 16000, workers: int | N
     s = jobs.run(plan, read=_read, transform=_transform, write=_write, processes=max(0, workers),
                  init=_init_worker, init_args=(sr, int(sr * min_seconds)), progress=progress,
                  chunk_size=chunk_size, main_helps=main_helps)
-    return ConvertSummary(**vars(jobs.finish(s, plan)))
+    return ConvertSummary(**vars(jobs.finish(s, plan, files_csv=write_filelist)))

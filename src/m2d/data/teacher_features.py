@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .. import jobs
 from ..audio import AUDIO_SUFFIXES, PRESETS, LogMelSpectrogram, load_audio
 from ..fileio import atomic_path
+from .filelist import write_filelist
 
 log = logging.getLogger(__name__)
 
@@ -213,4 +214,4 @@ def extract_teacher_features(src: str | Path, dest: str | Path, teacher: str | P
                  transform=_Teacher(model, layers, min_samples, dtype) if model is not None else None,
                  write=_save, batch_key=lambda wav: max(len(wav), min_samples), batch_size=batch_size,
                  threads=workers, progress=progress)
-    return ExtractSummary(**vars(jobs.finish(s, plan)))
+    return ExtractSummary(**vars(jobs.finish(s, plan, files_csv=write_filelist)))

@@ -210,10 +210,12 @@ def test_preflight_names_missing_modules_and_data_roots(tmp_path, capsys, monkey
                         ('speech_commands_test_root', 'speech_commands_test_set_v0.01')):
         assert f'downstream_expert.datarc.{key} = {tmp_path / folder} does not exist' in text
     assert 'config.runner.total_steps=200000' not in text  # the config's own steps are fine
-    assert len(findings) == 4
+    assert findings[-1] == f'# preflight: all missing modules at once: {sys.executable} -m pip install catalyst ' \
+                           'm2d_test_absent_module'
+    assert len(findings) == 5
     assert main([*args, '-o', 'config.runner.total_steps=6']) == 2
     err = capsys.readouterr().err.strip()
-    assert 'not ready to run s3prl (5 to fix)' in err and '\n' not in err
+    assert 'not ready to run s3prl (5 to fix)' in err and '\n' not in err and 'at once' in err
     assert 'config.runner.eval_step=6' in err  # a run that would write no dev-best.ckpt
     assert not (root / 's3prl' / 'calls.txt').exists()
     # -o can point the data roots elsewhere; the preflight follows it.

@@ -196,8 +196,9 @@ def _run(args: argparse.Namespace) -> int:
             print(gpu_prefix + shell_join(step.train))
             print(gpu_prefix + shell_join(step.evaluate, step.evaluate_env))
         if args.preflight:
-            for finding in check.findings or [_ready_line(check)]:
-                print(f'# preflight: {finding}')
+            for finding in check.findings + [check.pip_line] if check.findings else [_ready_line(check)]:
+                if finding:
+                    print(f'# preflight: {finding}')
         return 0
     if check.findings:
         raise SuperbError(check.message(task))

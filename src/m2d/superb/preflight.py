@@ -16,6 +16,7 @@ import ast
 import json
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -61,11 +62,19 @@ class Preflight:
     findings: list[str] = field(default_factory=list)
     device: str = 'cpu'
     probe: dict | None = None
+    pip: list[str] = field(default_factory=list)  # pip names of the missing modules
+
+    @property
+    def pip_line(self) -> str:
+        """One pip command for all missing modules ('' when fewer than two)."""
+        python = (self.probe or {}).get('executable', 'python')
+        return f'all missing modules at once: {python} -m pip install {" ".join(self.pip)}' if len(self.pip) > 1 else ''
 
     def message(self, task: Task) -> str:
         """All findings in one line, for the error that stops the run."""
         items = ' '.join(f'({i}) {f}' for i, f in enumerate(self.findings, 1))
-        return f'{task.name}: not ready to run s3prl ({len(self.findings)} to fix): {items}'
+        return (f'{task.name}: not ready to run s3prl ({len(self.findings)} to fix): {items}'
+                + (f'; {self.pip_line}' if self.pip_line else ''))
 
 
 def config_value(config, key: str):
@@ -144,10 +153,11 @@ def run_probe(python: str, s3prl_dir: Path, downstream: str, upstream: str,
     return None, f'it failed (exit status {done.returncode}: {tail[-1] if tail else "no output"})'
 
 
-def import_findings(info: dict, python: str, s3prl_dir: Path, upstream: str) -> list[str]:
-    """Findings from the probe's report: missing modules with what to install, a foreign s3prl, no upstream."""
+def import_findings(info: dict, python: str, s3prl_dir: Path, upstream: str) -> tuple[list[str], list[str]]:
+    """Findings from the probe's report (missing modules with what to install, a foreign s3prl, no upstream)
+    and the pip names of the missing modules."""
     root = s3prl_dir.parent
-    findings = []
+    findings, to_pip = [], []
     for name, needed_by in info.get('missing', {}).items():
         top = name.split('.')[0]
         if top == 's3prl':
@@ -160,16 +170,26 @@ def import_findings(info: dict, python: str, s3prl_dir: Path, upstream: str) -> 
             findings.append(f'{name} (imported by {needed_by}) is not in the {top} installed in {python}: '
                             f'install a version of {top} that has it')
         else:
+            to_pip.append(PIP_NAMES.get(name, name))
             findings.append(f'{python} cannot import {name} (imported by {needed_by}): '
-                            f'{python} -m pip install {PIP_NAMES.get(name, name)}')
-    findings += [f'{python}: importing {e}' for e in info.get('errors', [])]
+                            f'{python} -m pip install {to_pip[-1]}')
+    for error in info.get('errors', []):
+        m = re.search(r"^(\S+): ImportError: cannot import name '(\w+)' from '([\w.]+)'", error)
+        if m and m[3].split('.')[0] not in info.get('missing', {}):
+            top = m[3].split('.')[0]
+            findings.append(f'{m[1]} imports {m[2]} from {m[3]}, which the {top} installed in {python} no longer '
+                            f'has: install an older {PIP_NAMES.get(top, top)} there')
+        else:
+            after = (' (perhaps only because of a missing module above)'
+                     if any(name.split('.')[0] in error for name in info.get('missing', {})) else '')
+            findings.append(f'{python}: importing {error}{after}')
     where = info.get('s3prl')
     if where and Path(where).resolve() != s3prl_dir.resolve():
         findings.append(f'{python} imports s3prl from {where}, not from {s3prl_dir}: install the checkout there '
                         f'({python} -m pip install -e {root})')
-    elif where and not info.get('upstream'):
+    elif where and info.get('upstream') is False:
         findings.append(f's3prl.hub has no upstream {upstream!r}: m2d superb install {root}')
-    return findings
+    return findings, to_pip
 
 
 def resolve_device(device: str | None, info: dict | None, python: str) -> tuple[str, list[str]]:
@@ -203,10 +223,13 @@ def preflight(task: Task, s3prl_dir: Path, python: str, upstream: str, overrides
     if not (s3prl_dir / 'run_downstream.py').is_file():
         findings.append(f'{s3prl_dir}: no run_downstream.py (give the root of an s3prl checkout)')
     info, why = run_probe(python, s3prl_dir, task.downstream, upstream, env)
+    pip = []
     if info is None:
         findings.append(f'--python {python}: {why}')
     else:
-        findings += import_findings(info, python, s3prl_dir, upstream)
+        info['executable'] = python
+        missing, pip = import_findings(info, python, s3prl_dir, upstream)
+        findings += missing
     chosen, device_findings = resolve_device(device, info, python)
     findings += device_findings + data_findings(task, s3prl_dir, overrides)
-    return Preflight(findings, chosen, info)
+    return Preflight(findings, chosen, info, pip)

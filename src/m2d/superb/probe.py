@@ -7,7 +7,7 @@ with `S3PRL_DIR` first on sys.path as when s3prl runs there. A missing module is
 replaced by an empty stand-in, and the import is tried again, so that every missing module is
 named in one pass (not only the first). The JSON: python, torch (version or null), cuda,
 cuda_count, s3prl (the folder it is imported from, or null), upstream (whether s3prl.hub has
-UPSTREAM), missing ({module: the import that needs it}), errors (other import failures, one line each).
+UPSTREAM; null when s3prl.hub could not be imported), missing ({module: the import that needs it}), errors (other import failures, one line each).
 """
 
 import ast
@@ -23,8 +23,24 @@ MARK = 'M2D-PROBE '
 MAX_RETRIES = 30
 
 
+class _Anything:
+    """What a stand-in module's attributes are: classes that accept any call, any attribute."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Anything()
+
+    def __getattr__(self, name):
+        if name.startswith('__'):
+            raise AttributeError(name)
+        return _Anything()
+
+
 class _StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Empty modules for the names in `missing` and their submodules; any attribute is a dummy class."""
+    """Empty modules for the names in `missing` and their submodules; any attribute is an `_Anything` class
+    (so that code run at import time, e.g. `torchaudio.set_audio_backend('sox_io')`, goes on)."""
 
     def __init__(self):
         self.missing: dict[str, str] = {}
@@ -41,7 +57,7 @@ class _StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         def attr(name):
             if name.startswith('__'):
                 raise AttributeError(name)
-            return type(name, (), {})
+            return type(name, (_Anything,), {})
 
         module.__getattr__ = attr
         return module
@@ -74,9 +90,11 @@ def probe(s3prl_dir: str, downstream: str, upstream: str) -> dict:
            'upstream': False, 'missing': {}, 'errors': []}
     stand_ins = _StandIns()
     sys.meta_path.insert(0, stand_ins)
-    targets = ['torch', *script_imports(os.path.join(s3prl_dir, 'run_downstream.py')), 's3prl.hub', 'm2d',
-               f's3prl.downstream.{downstream}.expert']
-    for target in targets:
+    targets = {'torch': 'run_downstream.py'}
+    targets.update((name, 'run_downstream.py') for name in script_imports(os.path.join(s3prl_dir, 'run_downstream.py')))
+    targets.update({'s3prl.hub': 's3prl.hub', 'm2d': 'the m2d upstream', f's3prl.downstream.{downstream}.expert':
+                    f's3prl.downstream.{downstream}.expert'})
+    for target, label in targets.items():
         for _ in range(MAX_RETRIES):
             try:
                 importlib.import_module(target)
@@ -86,7 +104,7 @@ def probe(s3prl_dir: str, downstream: str, upstream: str) -> dict:
                 if name in stand_ins.missing:
                     out['errors'].append(f'{target}: {type(e).__name__}: {e}')
                     break
-                stand_ins.missing[name] = target
+                stand_ins.missing[name] = target if name != target else label
                 if name.split('.')[0] == 's3prl':  # nothing of s3prl can be checked without it
                     break
             except BaseException as e:  # noqa: BLE001 - any failure of an import is a finding
@@ -106,7 +124,7 @@ def probe(s3prl_dir: str, downstream: str, upstream: str) -> dict:
     if s3prl is not None and not any(m.split('.')[0] == 's3prl' for m in stand_ins.missing):
         out['s3prl'] = os.path.dirname(os.path.abspath(getattr(s3prl, '__file__', None) or s3prl_dir))
         hub = sys.modules.get('s3prl.hub')
-        out['upstream'] = hub is not None and hasattr(hub, upstream)
+        out['upstream'] = None if hub is None else hasattr(hub, upstream)  # None: s3prl.hub failed to import
     return out
 
 

@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from fractions import Fraction
 
 import pytest
@@ -118,6 +119,13 @@ def test_cpu_smoke_run_end_to_end(tmp_path, capsys, monkeypatch):
     assert f'{EXP}: acc (%) 87.50' in out
     header, row = out.splitlines()[-2:]
     assert header.split()[3] == 'KS' and row.split()[1:] == ['-', '87.50', '-', '-', '-']  # PR KS IC SID ER
+    # Again without the preflight, with a training that never reaches a dev evaluation: the dev-best.ckpt
+    # of the first run is not taken for this one's.
+    time.sleep(1.5)
+    assert main(['superb', 'run', 'KS', '--ckpt', CKPT, '--s3prl_root', str(root), '--python', sys.executable,
+                 '--no-preflight', '-o', 'config.runner.total_steps=2']) == 2
+    assert 'wrote no new dev-best.ckpt' in capsys.readouterr().err
+    assert [c['argv'][1] for c in calls(root)] == ['train', 'evaluate', 'train']
 
 
 def test_the_stand_in_is_s3prl_under_torch_2_6(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -207,25 +208,34 @@ def _run(args: argparse.Namespace) -> int:
     results = []
     for step in steps:
         expdir = s3prl_dir / step.expdir
-        for what, argv, extra in (('train', step.train, {}), ('evaluate', step.evaluate, step.evaluate_env)):
-            if what == 'evaluate':
-                if not (expdir / 'dev-best.ckpt').is_file():
-                    raise SuperbError(f'{task.name}: s3prl training of {step.name} wrote no dev-best.ckpt in {expdir} '
-                                      '(it does so at a dev evaluation, every config.runner.eval_step steps)')
-                log.info('%s evaluate: s3prl reads back its own dev-best.ckpt with a bare torch.load, which torch '
-                         '>= 2.6 refuses (it holds an argparse.Namespace); so %s for this s3prl process only '
-                         '(the m2d upstream still loads M2D weights with weights_only=True)', step.name,
-                         ' '.join(f'{k}={v}' for k, v in extra.items()))
-            log.info('%s %s: %s', step.name, what, shell_join(argv, extra))
-            code = subprocess.run(argv, cwd=s3prl_dir, env=dict(env, **extra)).returncode
-            if code != 0:
-                raise SuperbError(f'{task.name}: s3prl {what} of {step.name} failed (exit status {code}); '
-                                  f'its output is above, its folder {expdir}')
+        started = time.time()
+        _s3prl(task, step, 'train', step.train, env, s3prl_dir)
+        best = expdir / 'dev-best.ckpt'
+        if not best.is_file() or best.stat().st_mtime < started - 1:
+            raise SuperbError(f'{task.name}: s3prl training of {step.name} wrote no new dev-best.ckpt in {expdir} '
+                              '(it does so at a dev evaluation, every config.runner.eval_step steps)')
+        log.info('%s evaluate: s3prl reads back its own dev-best.ckpt with a bare torch.load, which torch >= 2.6 '
+                 'refuses (it holds an argparse.Namespace); so %s for this s3prl process only (the m2d upstream '
+                 'still loads M2D weights with weights_only=True)', step.name,
+                 ' '.join(f'{k}={v}' for k, v in step.evaluate_env.items()))
+        _s3prl(task, step, 'evaluate', step.evaluate, dict(env, **step.evaluate_env), s3prl_dir)
         results.append(read_result(expdir))
         print(f'{step.name}: {results[-1].metric} {results[-1].value:.2f} (in {expdir}/'
               f'{"test-hyp.ark" if task.metric == "per" else "log.log"})')
     print(format_table(results))
     return 0
+
+
+def _s3prl(task, step, what: str, argv: list[str], env: dict[str, str], s3prl_dir: Path) -> None:
+    """Run one s3prl command in its folder; a SuperbError naming the step when it fails."""
+    from ..superb import SuperbError
+    from ..superb.tasks import shell_join
+
+    log.info('%s %s: %s', step.name, what, shell_join(argv, {k: v for k, v in env.items() if os.environ.get(k) != v}))
+    code = subprocess.run(argv, cwd=s3prl_dir, env=env).returncode
+    if code != 0:
+        raise SuperbError(f'{task.name}: s3prl {what} of {step.name} failed (exit status {code}); '
+                          f'its output is above, its folder {s3prl_dir / step.expdir}')
 
 
 def _ready_line(check) -> str:

@@ -204,7 +204,8 @@ def test_preflight_names_missing_modules_and_data_roots(tmp_path, capsys, monkey
     a run stops on them before s3prl starts, in one message."""
     if importlib.util.find_spec('catalyst'):
         pytest.skip('catalyst is installed here')
-    expert = 'from catalyst.data.sampler import DistributedSamplerWrapper\nimport m2d_test_absent_module\n'
+    expert = ('from catalyst.data.sampler import DistributedSamplerWrapper\nimport m2d_test_absent_module\n'
+              'from json.m2d_test_gone import thing  # as torchaudio.sox_effects, gone from newer torchaudio\n')
     root = fake_s3prl(tmp_path, monkeypatch, expert=expert, data=False)
     args = ['superb', 'run', 'KS', '--ckpt', CKPT, '--s3prl_root', str(root), '--python', sys.executable,
             '--device', 'cpu']
@@ -214,16 +215,17 @@ def test_preflight_names_missing_modules_and_data_roots(tmp_path, capsys, monkey
     assert 'cannot import catalyst (imported by s3prl.downstream.speech_commands.expert)' in text
     assert 'pip install catalyst' in text
     assert 'cannot import m2d_test_absent_module' in text
+    assert 'json.m2d_test_gone (imported by s3prl.downstream.speech_commands.expert) is not in the json installed' in text
     for key, folder in (('speech_commands_root', 'speech_commands_v0.01'),
                         ('speech_commands_test_root', 'speech_commands_test_set_v0.01')):
         assert f'downstream_expert.datarc.{key} = {tmp_path / folder} does not exist' in text
     assert 'config.runner.total_steps=200000' not in text  # the config's own steps are fine
     assert findings[-1] == f'# preflight: all missing modules at once: {sys.executable} -m pip install catalyst ' \
                            'm2d_test_absent_module'
-    assert len(findings) == 5
+    assert len(findings) == 6
     assert main([*args, '-o', 'config.runner.total_steps=6']) == 2
     err = capsys.readouterr().err.strip()
-    assert 'not ready to run s3prl (5 to fix)' in err and '\n' not in err and 'at once' in err
+    assert 'not ready to run s3prl (6 to fix)' in err and '\n' not in err and 'at once' in err
     assert 'config.runner.eval_step=6' in err  # a run that would write no dev-best.ckpt
     assert not (root / 's3prl' / 'calls.txt').exists()
     # -o can point the data roots elsewhere; the preflight follows it.

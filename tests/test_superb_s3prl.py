@@ -215,7 +215,8 @@ def test_preflight_names_missing_modules_and_data_roots(tmp_path, capsys, monkey
     assert 'cannot import catalyst (imported by s3prl.downstream.speech_commands.expert)' in text
     assert 'pip install catalyst' in text
     assert 'cannot import m2d_test_absent_module' in text
-    assert 'json.m2d_test_gone (imported by s3prl.downstream.speech_commands.expert) is not in the json installed' in text
+    assert ('json.m2d_test_gone (imported by s3prl.downstream.speech_commands.expert) is not in the json '
+            'installed') in text
     for key, folder in (('speech_commands_root', 'speech_commands_v0.01'),
                         ('speech_commands_test_root', 'speech_commands_test_set_v0.01')):
         assert f'downstream_expert.datarc.{key} = {tmp_path / folder} does not exist' in text

@@ -87,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument('--no_preflight', '--no-preflight', dest='preflight', action='store_false',
                    help='skip the checks before the first s3prl command')
     p.add_argument('--python', default=sys.executable, help='Python that runs s3prl (default: this one)')
-    p.add_argument('--dry_run', '--dry-run', dest='dry_run', action='store_true', help="print the s3prl commands and the preflight's findings; run nothing")
+    p.add_argument('--dry_run', '--dry-run', dest='dry_run', action='store_true',
+                   help="print the s3prl commands and the preflight's findings; run nothing")
 
     p = sub.add_parser('report', help="one table of the test results in s3prl experiment folders")
     p.add_argument('expdirs', nargs='+', metavar='EXP_DIR',

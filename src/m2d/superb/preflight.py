@@ -6,8 +6,8 @@ imports (`catalyst` for KS, ...; see `probe.py`); the device exists for that Pyt
 data roots of the task's config (after the -o overrides) exist; the training writes the
 `dev-best.ckpt` that the evaluate step reads. Each finding is one sentence naming the fix.
 
-    >>> check = preflight(get_task('KS'), s3prl_dir, 'python', 'm2d', overrides=[], env=os.environ)
-    >>> check.findings, check.device
+    check = preflight(get_task('KS'), s3prl_dir, 'python', 'm2d', overrides=[], env=os.environ)
+    check.findings  # [] when ready; check.device: the device s3prl gets
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import os
 import re
 import subprocess
 from collections.abc import Mapping
@@ -140,8 +139,8 @@ def run_probe(python: str, s3prl_dir: Path, downstream: str, upstream: str,
     """Run `probe.py` with `python` in the s3prl folder -> (its report, '') or (None, why it failed)."""
     argv = [python, str(PROBE), str(s3prl_dir), downstream, upstream]
     try:
-        done = subprocess.run(argv, cwd=s3prl_dir if s3prl_dir.is_dir() else None, env=dict(env), capture_output=True, text=True,
-                              timeout=PROBE_TIMEOUT_S)
+        done = subprocess.run(argv, cwd=s3prl_dir if s3prl_dir.is_dir() else None, env=dict(env),
+                              capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     except OSError as e:
         return None, f'could not start it ({e.strerror or e})'
     except subprocess.TimeoutExpired:

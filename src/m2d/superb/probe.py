@@ -7,7 +7,8 @@ with `S3PRL_DIR` first on sys.path as when s3prl runs there. A missing module is
 replaced by an empty stand-in, and the import is tried again, so that every missing module is
 named in one pass (not only the first). The JSON: python, torch (version or null), cuda,
 cuda_count, s3prl (the folder it is imported from, or null), upstream (whether s3prl.hub has
-UPSTREAM; null when s3prl.hub could not be imported), missing ({module: the import that needs it}), errors (other import failures, one line each).
+UPSTREAM; null when s3prl.hub could not be imported), missing ({module: the import that needs
+it}), errors (other import failures, one line each).
 """
 
 import ast

@@ -31,12 +31,22 @@ def seed_script_commands(task: str, seed: int = 7) -> list[list[str]]:
 
 
 def dry_run(capsys, tmp_path, *args) -> list[list[str]]:
+    """The printed commands as the seed scripts write them: s3prl's default device (cuda) and, on the
+    evaluate commands, the variable that lets s3prl read its own checkpoint (tests/test_superb_s3prl.py)."""
     (tmp_path / 's3prl').mkdir(exist_ok=True)
     (tmp_path / 's3prl' / 'run_downstream.py').touch()
-    assert main(['superb', 'run', *args, '--dry-run', '--python', 'python', '--s3prl_root', str(tmp_path)]) == 0
+    assert main(['superb', 'run', *args, '--dry-run', '--python', 'python', '--s3prl_root', str(tmp_path),
+                 '--device', 'cuda', '--no-preflight']) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f'cd {tmp_path / "s3prl"}'
-    return [shlex.split(line) for line in lines[1:]]
+    commands = []
+    for line in lines[1:]:
+        argv = shlex.split(line)
+        assert argv[-2:] == ['--device', 'cuda']
+        if 'evaluate' in argv:
+            argv.remove('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1')
+        commands.append(argv[:-2])
+    return commands
 
 
 @pytest.mark.parametrize('task', list(SCRIPTS))
@@ -136,7 +146,7 @@ def test_run_calls_train_then_evaluate_and_reports(tmp_path, capsys, monkeypatch
     pkg.mkdir()
     (pkg / 'run_downstream.py').write_text(FAKE_S3PRL)
     assert main(['superb', 'run', 'ER', '--ckpt', CKPT, '--s3prl_root', str(tmp_path), '--folds', 'fold1,fold3',
-                 '--python', sys.executable]) == 0
+                 '--python', sys.executable, '--device', 'cpu', '--no-preflight']) == 0
     calls = (pkg / 'calls.txt').read_text().splitlines()
     assert [c.split()[1] for c in calls] == ['train', 'evaluate', 'train', 'evaluate']
     out = capsys.readouterr().out
@@ -144,7 +154,8 @@ def test_run_calls_train_then_evaluate_and_reports(tmp_path, capsys, monkeypatch
     assert f'acc (%) 87.50 (in {exp}/log.log)' in out
     assert out.splitlines()[-1].split()[-1] == '87.50'  # ER column of the summary
     monkeypatch.setenv('FAIL_TRAIN', '3')
-    assert main(['superb', 'run', 'KS', '--ckpt', CKPT, '--s3prl_root', str(tmp_path), '--python', sys.executable]) == 2
+    assert main(['superb', 'run', 'KS', '--ckpt', CKPT, '--s3prl_root', str(tmp_path), '--python', sys.executable,
+                 '--no-preflight']) == 2
     err = capsys.readouterr().err
     assert 's3prl train of' in err and 'failed (exit status 3)' in err
     assert (pkg / 'calls.txt').read_text().splitlines()[-1].split()[1] == 'train'  # no evaluate after a failure

@@ -2,7 +2,7 @@
 
     m2d superb install ~/s3prl                                  # register the m2d upstream
     m2d superb stats KS --s3prl_root ~/s3prl --ckpt W.pth       # task statistics -> -k W.pth,MEAN,STD
-    m2d superb run KS --ckpt W.pth --s3prl_root ~/s3prl         # s3prl train + evaluate
+    m2d superb run KS --ckpt W.pth --s3prl_root ~/s3prl         # preflight, s3prl train + evaluate
     m2d superb report ~/s3prl/s3prl/result/downstream/*         # one table of the results
 """
 
@@ -14,6 +14,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        epilog='examples:\n'
                               '  m2d superb run KS --ckpt /w/m2d_s_vit_base-80x608p80x2-230220/checkpoint-1000.pth '
                               '--s3prl_root ~/s3prl --dry-run\n'
-                              '  m2d superb run ER --ckpt W.pth --stats=-13.04,3.62 --seed 7 --gpu 0')
+                              '  m2d superb run ER --ckpt W.pth --stats=-13.04,3.62 --seed 7 --gpu 0\n'
+                              '  m2d superb run KS --ckpt W.pth --device cpu -o "config.runner.total_steps=6,,'
+                              'config.runner.eval_step=3"   # a smoke run\n'
+                              'Before the first s3prl command a preflight checks that --python imports s3prl, the\n'
+                              "task's downstream and their imports, that the device exists and that the config's\n"
+                              'data roots do; --dry-run prints the commands and its findings.')
     p.add_argument('task', help=TASK_HELP)
     p.add_argument('--ckpt', required=True, help='M2D weight file (or a released model name)')
     p.add_argument('--stats', nargs='+', default=None, metavar='MEAN,STD',
@@ -72,9 +78,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument('--s3prl_root', '--s3prl-root', dest='s3prl_root', default='.', help='root of the s3prl checkout')
     p.add_argument('--upstream', default='m2d', help='s3prl upstream name (default m2d)')
     p.add_argument('--folds', default=None, help='ER only: comma-separated folds to run (default all five)')
+    p.add_argument('--device', default=None, metavar='cpu|cuda[:N]',
+                   help="s3prl's --device for every command (default: cuda when --python's torch has CUDA, else cpu)")
+    p.add_argument('-o', '--override', dest='override', action='append', default=None, metavar='KEY=VALUE,,...',
+                   help='s3prl overrides ("config.runner.total_steps=100,,config.downstream_expert.datarc.'
+                        'batch_size=8"), appended to the training command\'s own -o; may be repeated')
     p.add_argument('--gpu', default=None, help='set CUDA_VISIBLE_DEVICES for s3prl')
+    p.add_argument('--no_preflight', '--no-preflight', dest='preflight', action='store_false',
+                   help='skip the checks before the first s3prl command')
     p.add_argument('--python', default=sys.executable, help='Python that runs s3prl (default: this one)')
-    p.add_argument('--dry_run', '--dry-run', dest='dry_run', action='store_true', help='print the s3prl commands only')
+    p.add_argument('--dry_run', '--dry-run', dest='dry_run', action='store_true',
+                   help="print the s3prl commands and the preflight's findings; run nothing")
 
     p = sub.add_parser('report', help="one table of the test results in s3prl experiment folders")
     p.add_argument('expdirs', nargs='+', metavar='EXP_DIR',
@@ -152,8 +166,10 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..superb import SuperbError
+    from ..superb.preflight import Preflight, preflight
     from ..superb.report import format_table, read_result
-    from ..superb.tasks import find_s3prl_dir, get_task, parse_lr, shell_join, task_commands
+    from ..superb.tasks import (check_device, find_s3prl_dir, get_task, parse_lr, parse_overrides, shell_join,
+                                 task_commands)
 
     task = get_task(args.task)
     stats = _stats_argument(args.stats) if args.stats else None
@@ -161,32 +177,78 @@ def _run(args: argparse.Namespace) -> int:
         log.info('%s: using the published statistics mean=%s std=%s (your own: m2d superb stats %s)',
                  task.name, *task.stats, task.name)
     folds = [f.strip() for f in args.folds.split(',')] if args.folds else None
-    steps = task_commands(task, args.ckpt, stats, args.seed, parse_lr(args.lr) if args.lr else None,
-                          args.upstream, args.python, folds)
+    lr = parse_lr(args.lr) if args.lr else None
+    device = check_device(args.device) if args.device is not None else None
+    overrides = parse_overrides(args.override)
+    task_commands(task, args.ckpt, stats, args.seed, lr, args.upstream, args.python, folds)  # argument errors first
     s3prl_dir = find_s3prl_dir(args.s3prl_root, required=not args.dry_run)
-    env_prefix = f'CUDA_VISIBLE_DEVICES={args.gpu} ' if args.gpu is not None else ''
+    env = dict(os.environ, **({'CUDA_VISIBLE_DEVICES': str(args.gpu)} if args.gpu is not None else {}))
+    if args.preflight:
+        check = preflight(task, s3prl_dir, args.python, args.upstream, overrides, env, device)
+    else:
+        check = Preflight(device=device or ('cuda' if _local_cuda() else 'cpu'))
+    steps = task_commands(task, args.ckpt, stats, args.seed, lr, args.upstream, args.python, folds,
+                          check.device, overrides)
+    gpu_prefix = f'CUDA_VISIBLE_DEVICES={args.gpu} ' if args.gpu is not None else ''
     if args.dry_run:
         if not (s3prl_dir / 'run_downstream.py').is_file():
             log.warning('%s: no run_downstream.py there (yet); the commands run in that folder', s3prl_dir)
         print(f'cd {shlex.quote(str(s3prl_dir))}')
         for step in steps:
-            print(env_prefix + shell_join(step.train))
-            print(env_prefix + shell_join(step.evaluate))
+            print(gpu_prefix + shell_join(step.train))
+            print(gpu_prefix + shell_join(step.evaluate, step.evaluate_env))
+        if args.preflight:
+            for finding in check.findings + [check.pip_line] if check.findings else [_ready_line(check)]:
+                if finding:
+                    print(f'# preflight: {finding}')
         return 0
-    env = dict(os.environ, **({'CUDA_VISIBLE_DEVICES': str(args.gpu)} if args.gpu is not None else {}))
+    if check.findings:
+        raise SuperbError(check.message(task))
+    if args.preflight:
+        log.info('preflight: %s', _ready_line(check))
     results = []
     for step in steps:
-        for what, argv in (('train', step.train), ('evaluate', step.evaluate)):
-            log.info('%s %s: %s', step.name, what, shell_join(argv))
-            code = subprocess.run(argv, cwd=s3prl_dir, env=env).returncode
-            if code != 0:
-                raise SuperbError(f'{task.name}: s3prl {what} of {step.name} failed (exit status {code}); '
-                                  f'its output is above, its folder {s3prl_dir / step.expdir}')
-        results.append(read_result(s3prl_dir / step.expdir))
-        print(f'{step.name}: {results[-1].metric} {results[-1].value:.2f} (in {s3prl_dir / step.expdir}/'
+        expdir = s3prl_dir / step.expdir
+        started = time.time()
+        _s3prl(task, step, 'train', step.train, env, s3prl_dir)
+        best = expdir / 'dev-best.ckpt'
+        if not best.is_file() or best.stat().st_mtime < started - 1:
+            raise SuperbError(f'{task.name}: s3prl training of {step.name} wrote no new dev-best.ckpt in {expdir} '
+                              '(it does so at a dev evaluation, every config.runner.eval_step steps)')
+        log.info('%s evaluate: s3prl reads back its own dev-best.ckpt with a bare torch.load, which torch >= 2.6 '
+                 'refuses (it holds an argparse.Namespace); so %s for this s3prl process only (the m2d upstream '
+                 'still loads M2D weights with weights_only=True)', step.name,
+                 ' '.join(f'{k}={v}' for k, v in step.evaluate_env.items()))
+        _s3prl(task, step, 'evaluate', step.evaluate, dict(env, **step.evaluate_env), s3prl_dir)
+        results.append(read_result(expdir))
+        print(f'{step.name}: {results[-1].metric} {results[-1].value:.2f} (in {expdir}/'
               f'{"test-hyp.ark" if task.metric == "per" else "log.log"})')
     print(format_table(results))
     return 0
+
+
+def _s3prl(task, step, what: str, argv: list[str], env: dict[str, str], s3prl_dir: Path) -> None:
+    """Run one s3prl command in its folder; a SuperbError naming the step when it fails."""
+    from ..superb import SuperbError
+    from ..superb.tasks import shell_join
+
+    log.info('%s %s: %s', step.name, what, shell_join(argv, {k: v for k, v in env.items() if os.environ.get(k) != v}))
+    code = subprocess.run(argv, cwd=s3prl_dir, env=env).returncode
+    if code != 0:
+        raise SuperbError(f'{task.name}: s3prl {what} of {step.name} failed (exit status {code}); '
+                          f'its output is above, its folder {s3prl_dir / step.expdir}')
+
+
+def _ready_line(check) -> str:
+    info = check.probe or {}
+    return (f'ready (s3prl from {info.get("s3prl")}, torch {info.get("torch")}, device {check.device}; '
+            'imports and data roots found)')
+
+
+def _local_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _stats_argument(values: list[str]) -> tuple[str, str]:

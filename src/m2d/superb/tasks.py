@@ -111,6 +111,49 @@ def ckpt_argument(ckpt: str) -> str:
     return str(ckpt)
 
 
+# s3prl 0.4.18 reads its own checkpoints (dev-best.ckpt: weights, an argparse.Namespace, its config)
+# with a bare torch.load. torch >= 2.6 defaults that to weights_only=True, which refuses the Namespace.
+# This variable turns the default back to weights_only=False only where the caller did not choose:
+# the m2d upstream passes weights_only=True explicitly, so M2D weight files are still loaded safely.
+CHECKPOINT_ENV = {'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD': '1'}
+
+DEVICE_RE = re.compile(r'cpu|cuda(:\d+)?')
+
+# s3prl -o keys that `m2d superb run` sets from its own options (the experiment name depends on them).
+OWNED_KEYS = {'config.optimizer.lr': '--lr', 'config.downstream_expert.datarc.test_fold': '--folds',
+              'args.device': '--device', 'args.seed': '--seed', 'args.expname': '--ckpt/--lr/--seed',
+              'args.expdir': '--ckpt/--lr/--seed', 'args.upstream_ckpt': '--ckpt/--stats'}
+
+
+def check_device(device: str) -> str:
+    """'cpu', 'cuda' or 'cuda:N' as given; a SuperbError otherwise."""
+    device = str(device).strip()
+    if not DEVICE_RE.fullmatch(device):
+        raise SuperbError(f'--device {device!r}: expected cpu, cuda or cuda:N')
+    return device
+
+
+def parse_overrides(texts: list[str] | None) -> list[str]:
+    """-o values ("KEY=VALUE,,KEY=VALUE", s3prl's syntax) -> the options, each checked as s3prl parses it.
+
+    s3prl splits each option at '=' exactly once and accepts keys `config.A.B...` or `args.NAME`.
+    """
+    options = []
+    for text in texts or []:
+        for option in str(text).split(',,'):
+            option = option.strip()
+            key = option.split('=', 1)[0].strip()
+            fields = key.split('.')
+            if option.count('=') != 1 or not all(fields) or fields[0] not in ('config', 'args') \
+                    or len(fields) < 2 or (fields[0] == 'args' and len(fields) != 2):
+                raise SuperbError(f'-o {option!r}: expected config.SECTION.KEY=VALUE or args.NAME=VALUE, '
+                                  'options joined by ",," (s3prl\'s syntax; a value may not contain "=")')
+            if key in OWNED_KEYS:
+                raise SuperbError(f'-o {option!r}: use {OWNED_KEYS[key]} for {key} (m2d superb run sets it)')
+            options.append(option)
+    return options
+
+
 @dataclass(frozen=True)
 class Step:
     """One s3prl experiment: its name, the train command and the evaluate command (argv lists)."""
@@ -126,14 +169,23 @@ class Step:
         """The experiment folder, relative to the s3prl folder."""
         return f'result/downstream/{self.name}'
 
+    @property
+    def evaluate_env(self) -> dict[str, str]:
+        """Environment of the evaluate command: s3prl reads back its own checkpoint (see CHECKPOINT_ENV)."""
+        return dict(CHECKPOINT_ENV)
+
 
 def task_commands(task: Task, ckpt: str, stats: tuple[str, str] | None = None, seed: int = 7,
                   lr: str | None = None, upstream: str = 'm2d', python: str = 'python',
-                  folds: list[str] | None = None) -> list[Step]:
+                  folds: list[str] | None = None, device: str | None = None,
+                  overrides: list[str] | None = None) -> list[Step]:
     """The commands of the reference's task script for `task` (one Step per ER fold).
 
     stats: (mean, std) strings; default the scripts' published statistics of the task. lr: default the
-    script's. The -k argument is the absolute path of `ckpt` (or a released name).
+    script's. The -k argument is the absolute path of `ckpt` (or a released name). device: s3prl's
+    --device, added to both commands (None: s3prl's default, cuda). overrides: s3prl -o options
+    (`parse_overrides`), appended to the training command's own -o; evaluation reads the config saved
+    in the checkpoint, so it sees them too.
     """
     stats = stats or task.stats
     lr = lr or task.lr
@@ -150,6 +202,8 @@ def task_commands(task: Task, ckpt: str, stats: tuple[str, str] | None = None, s
         override = f'config.optimizer.lr={lr}'
         if fold:
             override += f",, config.downstream_expert.datarc.test_fold='{fold}'"
+        if overrides:
+            override += ',,' + ',,'.join(overrides)
         train = [python, 'run_downstream.py', '-m', 'train', '-n', name, '-u', upstream, '-d', task.downstream]
         if task.config:
             train += ['-c', task.config]
@@ -158,6 +212,9 @@ def task_commands(task: Task, ckpt: str, stats: tuple[str, str] | None = None, s
         if task.evaluate_names:
             evaluate += ['-n', name, '-d', task.downstream]
         evaluate += ['-e', f'result/downstream/{name}/dev-best.ckpt']
+        if device:
+            train += ['--device', device]
+            evaluate += ['--device', device]
         steps.append(Step(task, name, train, evaluate, fold))
     return steps
 
@@ -174,10 +231,10 @@ def find_s3prl_dir(root: str | Path, required: bool = True) -> Path:
     return (root / 's3prl').resolve()
 
 
-def shell_join(argv: list[str]) -> str:
-    """A command line to paste into a shell; quoted arguments use double quotes where that is safe
-    (as the reference's scripts write the -o overrides)."""
-    out = []
+def shell_join(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """A command line to paste into a shell, `env` assignments in front; quoted arguments use double
+    quotes where that is safe (as the reference's scripts write the -o overrides)."""
+    out = [f'{k}={shlex.quote(v)}' for k, v in (env or {}).items()]
     for arg in argv:
         if re.fullmatch(r'[\w@%+=:,./-]+', arg):
             out.append(arg)

@@ -89,7 +89,8 @@ AS_FT_STANDIN = 'm2d_as_vit_tiny-80x208p16x16-240213_AS-FT_enconly'
 
 
 def write_as_ft_standin(folder: Path, name: str = AS_FT_STANDIN, embed_dim: int = 64, depth: int = 2,
-                        num_classes: int = 527, seed: int = 0, head_std: float = 0.5) -> Path:
+                        num_classes: int = 527, seed: int = 0, head_std: float = 0.5,
+                        head_bias: float = -2.0) -> Path:
     """A stand-in of a released AS-FT file in EVAR's layout: tensors only, ``module.ar.runtime.backbone.*``
     (the encoder) and ``module.head.*`` (BatchNorm statistics + a `num_classes`-way linear head on the
     stacked features), no class names and no norm_stats, in a folder named like the release (seeded)."""
@@ -113,7 +114,7 @@ def write_as_ft_standin(folder: Path, name: str = AS_FT_STANDIN, embed_dim: int 
     sd['module.head.norm.running_var'] = 0.5 + torch.rand(feature_d, generator=g)
     sd['module.head.norm.num_batches_tracked'] = torch.tensor(100)
     sd['module.head.mlp.mlp.0.weight'] = head_std * torch.randn(num_classes, feature_d, generator=g) / feature_d ** 0.5
-    sd['module.head.mlp.mlp.0.bias'] = torch.randn(num_classes, generator=g) - 2.0
+    sd['module.head.mlp.mlp.0.bias'] = torch.randn(num_classes, generator=g) + head_bias
     path = Path(folder) / name / 'weights_ep0it0-0.00000_mAP0.4.pth'
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, path)

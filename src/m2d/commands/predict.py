@@ -6,6 +6,8 @@ import argparse
 
 from . import CommandError
 
+MAX_EVENTS_SHOWN = 40  # events printed per file; all of them are in NAME.events.csv
+
 EPILOG = """\
 FT_FILE is a fine-tuned weight file, or the name of a released fine-tuned model (downloaded once
 to the cache, as `m2d encode` does): m2d_as_vit_base-80x1001p16x16-240213_AS-FT_enconly (16 kHz),
@@ -183,7 +185,9 @@ def _run_timeline(args: argparse.Namespace, clf, files: list, device) -> int:
         for r in results:
             print(f'{r["file"]}: {r["duration"]:g} s, {r["num_windows"]} windows of '
                   f'{r["window_sec"]:g} s every {r["hop_sec"]:g} s; {len(r["events"])} events above {args.threshold:g}')
-            for e in r['events']:
+            for e in r['events'][:MAX_EVENTS_SHOWN]:
                 print(f'  {e["start"]:9.2f} {e["end"]:9.2f}  {e["label"]}  {e["peak"]:.3f}')
+            if len(r['events']) > MAX_EVENTS_SHOWN:
+                print(f'  ... {len(r["events"]) - MAX_EVENTS_SHOWN} more in {r["outputs"][1]}')
             print('  wrote ' + ', '.join(r['outputs']))
     return _report_failures(failures, len(files))

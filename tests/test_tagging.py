@@ -141,6 +141,8 @@ def test_timeline_seconds_at_the_end(as_ft_standin):
     p = clf.probabilities(torch.from_numpy(np.stack([wav[:WINDOW], last])))
     assert np.allclose(track.probs[[0, -1]], p.numpy(), atol=1e-5)
     assert track.classes == clf.classes
+    again = timeline(m2d.load(as_ft_standin), wav, hop_sec=1.0)   # a runtime from m2d.load works too
+    assert np.allclose(again.probs, track.probs, atol=1e-5) and again.classes == track.classes
     with pytest.raises(TimelineError, match='--hop'):
         timeline(clf, wav, hop_sec=3.0)  # longer than the 2.07-s window
 

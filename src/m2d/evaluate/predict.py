@@ -57,6 +57,15 @@ class Classifier:
         return self.runtime.predict(wav).float()
 
 
+def as_classifier(model: Classifier | RuntimeM2D) -> Classifier:
+    """A Classifier, or one around a runtime with a head (e.g. from ``m2d.load`` on a fine-tuned file)."""
+    if isinstance(model, Classifier):
+        return model
+    if not hasattr(model, 'head'):
+        raise PredictError(f'{model.weight_file}: this runtime has no classification head; load a fine-tuned file')
+    return Classifier(model, model.classes, model.multilabel, None)
+
+
 def load_classifier(path: str | Path, multilabel: bool | None = None, trust: bool = False,
                     bf16: bool = False) -> Classifier:
     """Load a fine-tuned file (a path, or a released name such as ``..._AS-FT_enconly``, downloaded once).

@@ -6,7 +6,7 @@ memory stays bounded by one block, one batch of windows and the probability trac
 window: about 2 KB per window for AudioSet). The last window may run past the end; it is zero-padded
 and reported as ending with the recording.
 
-    >>> track = timeline(clf, wav, hop_sec=5.0)          # a waveform at clf.runtime.sample_rate
+    >>> track = timeline(m2d.load(NAME), wav, hop_sec=5.0)   # a waveform at the model's sample rate
     >>> events(track, threshold=0.5)                     # [Event(start, end, label, peak), ...]
 """
 
@@ -156,6 +156,9 @@ def _score(clf, blocks: Iterable[np.ndarray], hop: int, batch_size: int, progres
 
 
 def _timeline(clf, blocks, hop_sec, batch_size, total_samples, desc, device) -> Timeline:
+    from .predict import as_classifier
+
+    clf = as_classifier(clf)
     sr = clf.runtime.sample_rate
     window = clf.window_samples
     hop = int(round((window / sr / 2 if hop_sec is None else hop_sec) * sr))
@@ -175,7 +178,8 @@ def _timeline(clf, blocks, hop_sec, batch_size, total_samples, desc, device) -> 
 def timeline(clf, wav: np.ndarray | torch.Tensor, hop_sec: float | None = None, batch_size: int = DEFAULT_BATCH,
              device: str | torch.device = 'cpu') -> Timeline:
     """Class probabilities over a waveform ``[samples]`` at the model's rate, in windows of the model's
-    input length every `hop_sec` seconds (default half a window). `clf`: an `m2d.evaluate.predict.Classifier`."""
+    input length every `hop_sec` seconds (default half a window). `clf`: an `m2d.evaluate.predict.Classifier`
+    or a fine-tuned runtime (``m2d.load`` of a file with a head)."""
     wav = np.asarray(wav.detach().cpu() if isinstance(wav, torch.Tensor) else wav, np.float32).reshape(-1)
     return _timeline(clf, [wav], hop_sec, batch_size, len(wav), 'timeline', device)
 
@@ -185,7 +189,9 @@ def timeline_file(clf, path: str | Path, hop_sec: float | None = None, batch_siz
     """`timeline` of an audio file of any length, read as a stream (`m2d.audio.stream_audio`): memory is
     bounded by one block of `block_sec` seconds, one batch of windows and the probability track."""
     from ..audio import audio_duration, stream_audio
+    from .predict import as_classifier
 
+    clf = as_classifier(clf)
     sr = clf.runtime.sample_rate
     total = int(round(audio_duration(path) * sr))
     blocks = stream_audio(path, sr, block_samples=max(1, int(block_sec * sr)))

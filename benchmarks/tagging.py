@@ -77,6 +77,8 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({'precision': args.precision, 'duration_s': track.duration, 'windows': n, 'runs': args.runs,
                       'wall_s': times, 'median_wall_s': wall, 'real_time_factor': wall / track.duration,
                       'windows_per_s': n / wall, 'x_real_time': track.duration / wall,
+                      'cpu_capability': torch.backends.cpu.get_cpu_capability(),
+                      'load_average_end': os.getloadavg(),
                       'rss_start_mb': before, 'rss_after_load_mb': loaded, 'peak_rss_mb': peak_rss_mb(),
                       'rss_growth_over_load_mb': peak_rss_mb() - loaded}))
 

@@ -254,3 +254,11 @@ def test_bad_input_is_one_line_and_other_files_are_scored(tmp_path, as_ft_standi
         lines = captured.err.strip().splitlines()
         assert lines[0] == 'm2d predict: 3 of 4 files failed:'
         assert [ln.split(':')[0].strip() for ln in lines[1:]] == [str(garbage), str(empty), str(tmp_path / 'missing.wav')]
+
+
+def test_bf16_scores_close_to_fp32(as_ft_standin):
+    x = 0.1 * torch.randn(2, WINDOW, generator=torch.Generator().manual_seed(1))
+    p32 = load_classifier(as_ft_standin).probabilities(x)
+    p16 = load_classifier(as_ft_standin, bf16=True).probabilities(x)
+    assert p16.dtype == torch.float32 and p16.shape == (2, 527)
+    assert (p16 - p32).abs().max() < 0.02

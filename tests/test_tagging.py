@@ -262,3 +262,14 @@ def test_bf16_scores_close_to_fp32(as_ft_standin):
     p16 = load_classifier(as_ft_standin, bf16=True).probabilities(x)
     assert p16.dtype == torch.float32 and p16.shape == (2, 527)
     assert (p16 - p32).abs().max() < 0.02
+
+
+def test_streamed_file_equals_waveform_timeline(tmp_path, as_ft_standin):
+    """A 44.1-kHz file, resampled block by block while streaming, scores as the whole resampled waveform."""
+    path = _tone_file(tmp_path / 'cd.wav', 7.3, sr=44100)
+    clf = load_classifier(as_ft_standin)
+    streamed = timeline_file(clf, path, hop_sec=0.8, block_sec=0.5)   # many uneven blocks
+    whole = timeline(clf, load_audio(path, SR), hop_sec=0.8)
+    assert streamed.starts.tolist() == whole.starts.tolist() and streamed.ends.tolist() == whole.ends.tolist()
+    assert streamed.ends[-1] == pytest.approx(7.3, abs=1e-3)
+    assert np.allclose(streamed.probs, whole.probs, atol=1e-4)

@@ -83,3 +83,45 @@ def write_small_checkpoint(folder: Path, name: str = 'm2d_vit_tiny-80x208p16x16-
 def small_ckpt(tmp_path) -> Path:
     """A small 80x208p16x16 encoder checkpoint (64-d, 2 blocks) in a folder named like a release."""
     return write_small_checkpoint(tmp_path)
+
+
+AS_FT_STANDIN = 'm2d_as_vit_tiny-80x208p16x16-240213_AS-FT_enconly'
+
+
+def write_as_ft_standin(folder: Path, name: str = AS_FT_STANDIN, embed_dim: int = 64, depth: int = 2,
+                        num_classes: int = 527, seed: int = 0, head_std: float = 0.5,
+                        head_bias: float = -2.0) -> Path:
+    """A stand-in of a released AS-FT file in EVAR's layout: tensors only, ``module.ar.runtime.backbone.*``
+    (the encoder) and ``module.head.*`` (BatchNorm statistics + a `num_classes`-way linear head on the
+    stacked features), no class names and no norm_stats, in a folder named like the release (seeded)."""
+    import torch
+
+    from m2d.checkpoint import parse_model_name
+    from m2d.vit import ViTConfig, ViTEncoder
+
+    geo = parse_model_name(name)
+    g = torch.Generator().manual_seed(seed)
+    cfg = ViTConfig(input_size=geo.input_size, patch_size=geo.patch_size, embed_dim=embed_dim, depth=depth,
+                    num_heads=max(1, embed_dim // 64))
+    torch.manual_seed(seed)
+    enc = ViTEncoder(cfg)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    feature_d = embed_dim * cfg.grid_size[0]
+    sd = {'module.ar.runtime.backbone.' + k: v.clone() for k, v in enc.state_dict().items()}
+    sd['module.head.norm.running_mean'] = 0.1 * torch.randn(feature_d, generator=g)
+    sd['module.head.norm.running_var'] = 0.5 + torch.rand(feature_d, generator=g)
+    sd['module.head.norm.num_batches_tracked'] = torch.tensor(100)
+    sd['module.head.mlp.mlp.0.weight'] = head_std * torch.randn(num_classes, feature_d, generator=g) / feature_d ** 0.5
+    sd['module.head.mlp.mlp.0.bias'] = torch.randn(num_classes, generator=g) + head_bias
+    path = Path(folder) / name / 'weights_ep0it0-0.00000_mAP0.4.pth'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, path)
+    return path
+
+
+@pytest.fixture(scope='session')
+def as_ft_standin(tmp_path_factory) -> Path:
+    """The AS-FT stand-in (80x208 frames, 64-d, 2 blocks, 527 classes, seeded)."""
+    return write_as_ft_standin(tmp_path_factory.mktemp('asft'))

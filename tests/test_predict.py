@@ -99,7 +99,7 @@ def test_multilabel_uses_sigmoid(tmp_path, small_ckpt, wavs):
 
 def test_predict_errors_are_one_line(tmp_path, small_ckpt, wavs, capsys):
     ours = _finetuned(tmp_path, small_ckpt)
-    cases = [(['predict', str(wavs[0]), '--weights', str(small_ckpt)], 'not a fine-tuned file'),
+    cases = [(['predict', str(wavs[0]), '--weights', str(small_ckpt)], 'no classification head'),
              (['predict', str(tmp_path / 'missing.wav'), '--weights', str(ours)], 'no such file'),
              (['predict', str(wavs[0]), '--weights', str(ours), '--top', '0'], '--top 0'),
              (['predict', str(wavs[0]), '--weights', str(tmp_path / 'nope.pth')], 'no such weight file')]

@@ -11,6 +11,7 @@ import torch.nn as nn
 from .audio import LogMelSpectrogram, preset
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import M2DError
+from .labels import head_labels
 from .vit import ViTEncoder, pack_weights
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,10 @@ class RuntimeM2D(nn.Module):
             flat_features = True
         self.flat_features = flat_features
         self.feature_d = D if flat_features else D * ckpt.vit.grid_size[0]
+        # Names of the head's outputs and how to score them (`predict`); see m2d.labels.head_labels.
+        labels = head_labels(ckpt.meta, num_classes, ckpt.path.name) if num_classes is not None else None
+        self.classes: list[str] | None = labels.classes if labels else None
+        self.multilabel: bool = labels.multilabel if labels else False
         if num_classes is not None:
             self.head_norm = nn.BatchNorm1d(self.feature_d, affine=False)
             self.head = nn.Linear(self.feature_d, num_classes)
@@ -220,6 +225,16 @@ class RuntimeM2D(nn.Module):
         if not hasattr(self, 'head'):
             return x
         return self.head(self.head_norm(x.mean(1)))
+
+    @torch.no_grad()
+    def predict(self, batch_audio: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``[B, num_classes]`` of a fine-tuned runtime: sigmoid of the logits when
+        `multilabel` (e.g. AudioSet), else softmax. Names of the columns: `classes`."""
+        if not hasattr(self, 'head'):
+            raise ValueError(f'{self.weight_file} has no classification head; create the runtime with '
+                             'num_classes (a fine-tuned file), or use encode() for features')
+        logits = self(batch_audio.to(self.norm_stats.device)).float()
+        return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
 
     def get_scene_embeddings(self, batch_audio: torch.Tensor) -> torch.Tensor:
         """One vector per clip: the time average of `encode` ``[B, feature_d]``."""

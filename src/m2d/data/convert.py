@@ -90,7 +90,7 @@ def _init_worker(sample_rate: int, min_samples: int) -> None:
 
 def _read(item: jobs.Item) -> np.ndarray | _LongFile:
     sr, hop = _STATE['sr'], _STATE['frontend'].config.hop_length
-    if item.src.stat().st_size > _CHECK_BYTES and audio_duration(item.src) * sr > _MAX_FRAMES * hop:
+    if item.src.is_file() and item.src.stat().st_size > _CHECK_BYTES and audio_duration(item.src) * sr > _MAX_FRAMES * hop:
         return _LongFile(item)
     return read_audio(item.src, sr)
 

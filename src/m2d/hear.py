@@ -19,8 +19,10 @@ import os
 import torch
 
 from . import load
+from .audio import num_frames
 from .errors import M2DError
 from .runtime import RuntimeM2D
+from .streaming import STREAM_WINDOWS, encode_stream, waveform_blocks
 
 DEFAULT_MODEL = 'm2d_vit_base-80x608p16x16-221006-mr7'  # the general-purpose release of the M2D paper
 HOP_ENV = 'M2D_HEAR_HOP_MS'  # default timestamp_hop_ms for tools that cannot pass options (hear-validator)
@@ -91,7 +93,8 @@ def fine_timestamp_embeddings(audio: torch.Tensor, model: RuntimeM2D,
 
     Cost: one full encoder pass per distinct shift, ``pw / gcd(d, pw)`` passes: with 16-frame
     (160 ms) patches, 4x the plain cost for 40 ms, 2x for 80 ms, 16x for 50 ms (5 frames is prime
-    to 16), 8x for 20 ms; memory is that of one pass plus the output. Hops coarser than the patch
+    to 16), 8x for 20 ms; memory is that of the output plus a bounded batch of windows (the input is
+    encoded `STREAM_WINDOWS` windows at a time, so hours of audio fit). Hops coarser than the patch
     width need one pass and subsample. Timestamps are the window centres ``(n * d + pw / 2) * 10`` ms.
 
     Returns (embeddings ``[B, N, feature_d]``, timestamps ``[B, N]`` in ms) with ``N = ceil(T / d)``
@@ -104,16 +107,22 @@ def fine_timestamp_embeddings(audio: torch.Tensor, model: RuntimeM2D,
     if unit % pw:  # e.g. 1001-frame units: chunk boundaries break the uniform patch grid
         raise HearError(f'timestamp_hop_ms: the {unit}-frame input of {model.weight_file} is not a multiple of '
                         f'its {pw}-frame patches; use the default hop')
-    frame_ms = 1000.0 * model.to_spec.config.hop_length / model.sample_rate
-    lms = model.normalize_batch(model.to_feature(audio))  # [B, 1, F, T]
-    n_out = math.ceil(lms.shape[-1] / d)
+    hop = model.to_spec.config.hop_length
+    frame_ms = 1000.0 * hop / model.sample_rate
+    n_out = math.ceil(num_frames(audio.shape[-1], hop) / d)
     starts = torch.arange(n_out) * d
+    block = STREAM_WINDOWS * unit * hop
     out = None
     for o in sorted({int(s) % pw for s in starts}):
         pick = torch.nonzero(starts % pw == o).reshape(-1)
-        feats = model.encode_lms(lms[..., o:])  # window j starts at frame o + j * pw
-        if out is None:
-            out = feats.new_empty(feats.shape[0], n_out, feats.shape[-1])
-        out[:, pick] = feats[:, (starts[pick] - o) // pw]
+        src = (starts[pick] - o) // pw  # window of the shifted input (starting at frame o) each output takes
+        t0 = 0
+        # the shifted log-mel encoded a bounded batch of windows at a time (`m2d.streaming`)
+        for (feats,) in encode_stream(model, waveform_blocks(audio, block), skip_frames=o):
+            if out is None:
+                out = feats.new_empty(feats.shape[0], n_out, feats.shape[-1])
+            sel = (src >= t0) & (src < t0 + feats.shape[1])
+            out[:, pick[sel]] = feats[:, src[sel] - t0]
+            t0 += feats.shape[1]
     ts = (starts.to(torch.float32) + pw / 2) * frame_ms
     return out, ts.to(out.device).expand(out.shape[0], -1)

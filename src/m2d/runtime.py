@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -12,6 +14,7 @@ from .audio import LogMelSpectrogram, preset
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import M2DError
 from .labels import head_labels
+from .streaming import STREAM_WINDOWS, encode_stream, feature_frames, waveform_blocks
 from .vit import ViTEncoder, pack_weights
 
 log = logging.getLogger(__name__)
@@ -216,8 +219,39 @@ class RuntimeM2D(nn.Module):
         return per_layer if return_layers else per_layer[0]
 
     def encode(self, batch_audio: torch.Tensor, return_layers: bool = False) -> torch.Tensor | list[torch.Tensor]:
-        """Waveforms -> log-mel -> normalized -> features (see `encode_lms`)."""
-        return self.encode_lms(self.normalize_batch(self.to_feature(batch_audio)), return_layers=return_layers)
+        """Waveforms -> log-mel -> normalized -> features (see `encode_lms`).
+
+        Without gradients, waveforms longer than `STREAM_WINDOWS` model windows take the bounded path
+        (`iter_encode`) into a preallocated output: memory is the output plus one pass of the model.
+        """
+        hop = self.to_spec.config.hop_length
+        if torch.is_grad_enabled() or batch_audio.shape[-1] // hop < STREAM_WINDOWS * self.cfg.input_size[1]:
+            return self.encode_lms(self.normalize_batch(self.to_feature(batch_audio)), return_layers=return_layers)
+        batch = batch_audio if batch_audio.dim() == 2 else batch_audio[None]
+        steps = feature_frames(self, 1 + batch.shape[-1] // hop)
+        outs, t = None, 0
+        for y in self.iter_encode(batch, return_layers=return_layers):
+            pieces = y if return_layers else [y]
+            if outs is None:
+                outs = [p.new_empty(p.shape[0], steps, p.shape[-1]) for p in pieces]
+            for out, p in zip(outs, pieces):
+                out[:, t:t + p.shape[1]] = p
+            t += pieces[0].shape[1]
+        return outs if return_layers else outs[0]
+
+    def iter_encode(self, audio: torch.Tensor | Iterable[torch.Tensor | np.ndarray], return_layers: bool = False,
+                    windows_per_pass: int = STREAM_WINDOWS) -> Iterator[torch.Tensor | list[torch.Tensor]]:
+        """`encode` for recordings of any length, piece by piece in bounded memory.
+
+        `audio`: a waveform ``[samples]`` / ``[B, samples]`` or an iterable of such blocks in order (e.g.
+        ``m2d.audio.stream_audio(path, rt.sample_rate)``). Yields ``[B, t', D']`` pieces (lists over
+        layers with `return_layers`), `windows_per_pass` model windows at a time, whose concatenation
+        along time equals `encode` of the whole waveform. Run it under ``torch.inference_mode()``.
+        """
+        if isinstance(audio, (torch.Tensor, np.ndarray)):
+            audio = waveform_blocks(audio, windows_per_pass * self.cfg.input_size[1] * self.to_spec.config.hop_length)
+        for pieces in encode_stream(self, audio, return_layers=return_layers, windows_per_pass=windows_per_pass):
+            yield pieces if return_layers else pieces[0]
 
     def forward(self, batch_audio: torch.Tensor) -> torch.Tensor:
         """Logits when a head was built (`num_classes`), else the features of `encode`."""

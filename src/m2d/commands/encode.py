@@ -13,6 +13,10 @@ DIR/clip.npy). Shapes per file: [T', D] (T' time steps: 6.25 per second with 16x
 --pool mean [D]; with --layers a leading layer axis [L, T', D]. With --npz, one .npz keyed by the
 relative path without suffix, e.g. np.load(FILE)['sub/clip'].
 
+Recordings longer than 16 model windows (97 s for 608-frame models) are streamed: read in blocks,
+encoded 16 windows at a time, appended to their .npy (memory does not grow with the length; same
+features). --npz holds all features in memory and refuses a file whose features exceed 512 MB.
+
 examples:
   m2d encode clips/ --weights m2d_vit_base-80x608p16x16-221006-mr7 --output feats/
   m2d encode a.wav b.flac --weights ckpt/checkpoint-300.pth --npz feats.npz --pool mean

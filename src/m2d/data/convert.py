@@ -1,7 +1,8 @@
 """`m2d convert`: audio files to log-mel spectrogram `.npy` files for pre-training.
 
 `SRC/a/b.wav` becomes `DEST/a/b.npy` holding float32 ``[1, 80, T]`` (the layout of the reference's
-prepared folders). A job of `m2d.jobs`: files are converted in worker processes, each output is
+prepared folders); recordings longer than `_MAX_FRAMES` frames (5 min) are decoded, transformed and
+written block by block, so memory does not grow with their length. A job of `m2d.jobs`: files are converted in worker processes, each output is
 written under a temporary name and renamed, so an interrupted run leaves only whole files, and a
 rerun skips what exists, removes the temporaries of the interrupted run and converts the rest. Files
 that cannot be converted are reported (summary and `DEST/convert_failures.csv`) and never stop the run.
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import jobs
-from ..audio import AUDIO_SUFFIXES, AudioError, read_audio
+from ..audio import AUDIO_SUFFIXES, AudioError, audio_duration, read_audio, stream_audio
 from ..fileio import atomic_path
 from .filelist import write_filelist
 
@@ -27,6 +28,15 @@ log = logging.getLogger(__name__)
 
 # Clips with more frames than this are transformed in pieces (bounded memory for hour-long files).
 _MAX_FRAMES = 30000
+_CHECK_BYTES = 1 << 20  # files larger than this are checked for being long (streamed, not read whole)
+_WRITTEN = object()  # a long file written by the transform itself
+
+
+@dataclass(frozen=True)
+class _LongFile:
+    """A recording longer than `_MAX_FRAMES` frames: decoded, transformed and written block by block."""
+
+    item: jobs.Item
 
 
 @dataclass
@@ -79,23 +89,56 @@ def _init_worker(sample_rate: int, min_samples: int) -> None:
     _STATE.update(frontend=LogMelSpectrogram(preset(sample_rate)).eval(), sr=sample_rate, min_samples=min_samples)
 
 
-def _read(item: jobs.Item) -> np.ndarray:
-    return read_audio(item.src, _STATE['sr'])
+def _read(item: jobs.Item) -> np.ndarray | _LongFile:
+    sr, hop = _STATE['sr'], _STATE['frontend'].config.hop_length
+    if item.src.is_file() and item.src.stat().st_size > _CHECK_BYTES and audio_duration(item.src) * sr > _MAX_FRAMES * hop:
+        return _LongFile(item)
+    return read_audio(item.src, sr)
 
 
-def _transform(wavs: list[np.ndarray]) -> list[np.ndarray]:
+def _finite(lms):
+    if not np.isfinite(np.asarray(lms)).all():
+        raise AudioError('the log-mel spectrogram has non-finite values (samples far out of range?)')
+    return lms
+
+
+def _stream_long(f: _LongFile) -> object:
+    """Log-mel of a long file, block by block, into its output (`m2d.streaming.save_time_last`)."""
+    import torch
+
+    from ..streaming import LogMelStream, save_time_last
+
+    stream = LogMelStream(_STATE['frontend'])
+
+    def pieces():
+        with torch.inference_mode():
+            for block in stream_audio(f.item.src, _STATE['sr']):
+                yield from (_finite(x[0, 0]) for x in stream.feed(torch.from_numpy(block)))
+            if stream.samples < _STATE['min_samples']:
+                yield from (_finite(x[0, 0]) for x in stream.feed(torch.zeros(_STATE['min_samples'] - stream.samples)))
+            yield from (_finite(x[0, 0]) for x in stream.finish())
+
+    with atomic_path(f.item.dst) as tmp:
+        save_time_last(tmp, pieces())
+    return _WRITTEN
+
+
+def _transform(wavs: list[np.ndarray | _LongFile]) -> list[np.ndarray | object]:
     out = []
     for wav in wavs:
+        if isinstance(wav, _LongFile):
+            out.append(_stream_long(wav))
+            continue
         if len(wav) < _STATE['min_samples']:
             wav = np.pad(wav, (0, _STATE['min_samples'] - len(wav)))
-        lms = wav_to_lms(_STATE['frontend'], wav)
-        if not np.isfinite(lms).all():
-            raise AudioError('the log-mel spectrogram has non-finite values (samples far out of range?)')
+        lms = _finite(wav_to_lms(_STATE['frontend'], wav))
         out.append(np.ascontiguousarray(lms, dtype=np.float32))
     return out
 
 
-def _write(item: jobs.Item, lms: np.ndarray) -> None:
+def _write(item: jobs.Item, lms: np.ndarray | object) -> None:
+    if lms is _WRITTEN:
+        return
     with atomic_path(item.dst) as tmp, open(tmp, 'wb') as f:
         np.save(f, lms)
 

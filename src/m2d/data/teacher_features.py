@@ -10,6 +10,12 @@ beside the log-mel spectrogram in one ``.npz`` per file, the layout `m2d.data.sp
 - ``arr_2``: the number of valid teacher frames: ``T2 * original samples // padded samples``.
 
 M2D-X uses a frozen M2D as the teacher instead, at training time: `m2d.teacher`.
+
+Unlike `m2d encode` and `m2d convert`, this has no bounded-memory path for long recordings: every
+HuBERT feature depends on the whole clip (the waveform is normalized over the clip, HuBERT-base's
+first convolution is group-normalized over all time steps, and the transformer attends over every
+frame), so features computed window by window would differ from the reference's. M2D-S pre-trains
+on utterances (LibriSpeech: at most 35 s); cut long recordings into segments first.
 """
 
 from __future__ import annotations

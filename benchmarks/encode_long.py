@@ -1,0 +1,168 @@
+"""Peak memory and speed of `m2d encode` on long recordings (ViT-Base, one file per run).
+
+    python benchmarks/encode_long.py --minutes 10 30 60 --json results/encode_long_cpu.json
+
+Each point (length x precision x repeat) runs in a fresh subprocess that loads the model, resets
+the kernel's peak-RSS counter (``/proc/self/clear_refs``), encodes one synthesized 16-kHz mono WAV
+with `encode_files` (as ``m2d encode FILE --output DIR``) and reports: the peak resident memory
+while encoding (``VmHWM`` after the reset: the model, the audio blocks, one pass of windows), the
+process's peak over its whole life (``ru_maxrss``, loading the weights included) and the encode
+wall time; real-time factor = wall / audio duration. The weights are a randomly initialized ViT-Base
+of the release geometry (80x608, 16x16 patches, 768-d, 12 blocks) saved encoder-only; ``--model
+tiny`` (192-d, 12 blocks, 1/16 of the compute) checks the memory column at lengths a loaded
+machine cannot encode with ViT-Base in the time at hand. Medians over
+`--repeats` runs per point go into the JSON and the printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SR = 16000
+
+
+def write_recording(path: Path, minutes: float, seed: int = 0) -> Path:
+    """A synthesized recording (gliding tones, noise bursts, silence), written a minute at a time."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    with sf.SoundFile(path, 'w', SR, 1, 'PCM_16') as f:
+        for m in range(int(np.ceil(minutes))):
+            n = int(SR * 60 * min(1.0, minutes - m))
+            t = np.arange(n) / SR
+            x = 0.2 * np.sin(2 * np.pi * (300 + 200 * np.sin(0.1 * t + m)) * t)
+            x += 0.05 * rng.standard_normal(n) * (np.sin(0.5 * t) > 0)
+            f.write(x.astype(np.float32))
+    return path
+
+
+WIDTHS = {'base': (768, 12), 'tiny': (192, 3)}  # embed_dim, heads (12 blocks, 80x608, 16x16 patches)
+
+
+def write_weights(folder: Path, width: str = 'base') -> Path:
+    import argparse as ap
+
+    import torch
+
+    from m2d.vit import ViTConfig, ViTEncoder
+
+    torch.manual_seed(0)
+    dim, heads = WIDTHS[width]
+    enc = ViTEncoder(ViTConfig(embed_dim=dim, num_heads=heads))
+    sd = dict(enc.state_dict(), norm_stats=torch.tensor([-7.8, 4.6]))
+    path = folder / f'm2d_vit_{width}-80x608p16x16-221006-mr7' / 'checkpoint-300.pth'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({'model': sd, 'epoch': 300, 'args': ap.Namespace(model='m2d_vit_base')}, path)
+    return path
+
+
+def _vm_hwm_mb() -> float:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) / 1024
+    return float('nan')
+
+
+def child(args: argparse.Namespace) -> None:
+    """One point: load, reset the peak counter, encode, report JSON on stdout."""
+    import torch
+
+    from m2d.encode_files import encode_files
+    from m2d.runtime import RuntimeM2D
+
+    runtime = RuntimeM2D(args.weights, bf16=args.bf16)
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # VmHWM := current RSS
+    loaded = _vm_hwm_mb()
+    t0 = time.perf_counter()
+    r = encode_files(runtime, [args.child], output_dir=args.out, progress=False, device='cpu')
+    wall = time.perf_counter() - t0
+    if r.failed:
+        raise SystemExit(f'failed: {r.failed}')
+    shape = np.load(next(Path(args.out).glob('*.npy')), mmap_mode='r').shape
+    print(json.dumps({'rss_after_load_mb': loaded, 'peak_rss_encode_mb': _vm_hwm_mb(),
+                      'peak_rss_process_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      'wall_s': wall, 'shape': shape, 'threads': torch.get_num_threads()}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--minutes', type=float, nargs='+', default=[10, 30, 60])
+    p.add_argument('--precisions', nargs='+', default=['bf16', 'fp32'], choices=['bf16', 'fp32'])
+    p.add_argument('--repeats', type=int, default=1)
+    p.add_argument('--model', choices=sorted(WIDTHS), default='base', help='ViT width (default: base)')
+    p.add_argument('--json', default=None)
+    p.add_argument('--workdir', default=None, help='where recordings, weights and outputs go (default: a temp dir)')
+    p.add_argument('--child', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--weights', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--out', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--bf16', action='store_true', help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix='encode_long_'))
+    work.mkdir(parents=True, exist_ok=True)
+    weights = write_weights(work, args.model)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / 'src'))
+    results = []
+    for minutes in args.minutes:
+        wav = work / f'rec_{minutes:g}min.wav'
+        if not wav.exists():
+            write_recording(wav, minutes)
+        for prec in args.precisions:
+            runs = []
+            for k in range(args.repeats):
+                out = work / f'out_{minutes:g}_{prec}_{k}'
+                cmd = [sys.executable, __file__, '--child', str(wav), '--weights', str(weights), '--out', str(out)]
+                load0 = os.getloadavg()[0]
+                res = subprocess.run(cmd + (['--bf16'] if prec == 'bf16' else []), env=env, capture_output=True,
+                                     text=True)
+                if res.returncode:
+                    raise SystemExit(res.stderr[-3000:])
+                run = json.loads(res.stdout.strip().splitlines()[-1])
+                run.update(load_avg_before=load0, load_avg_after=os.getloadavg()[0])
+                runs.append(run)
+                for f in out.glob('*.npy'):
+                    f.unlink()
+                print(f'{args.model} {minutes:g} min {prec} run {k}: {run}', flush=True)
+            med = {key: statistics.median(r[key] for r in runs)
+                   for key in ('rss_after_load_mb', 'peak_rss_encode_mb', 'peak_rss_process_mb', 'wall_s')}
+            point = {'model': f'ViT-{args.model}', 'minutes': minutes, 'precision': prec, 'repeats': len(runs), **med,
+                     'rtf': med['wall_s'] / (60 * minutes), 'runs': runs}
+            results.append(point)
+            if args.json:
+                _save(args.json, results)
+    print('| model | length | precision | peak RSS while encoding (MB) | peak RSS of the process (MB) | wall (s) | RTF |')
+    print('|---|---|---|---|---|---|---|')
+    for r in results:
+        print(f"| {r['model']} | {r['minutes']:g} min | {r['precision']} | {r['peak_rss_encode_mb']:.0f} | "
+              f"{r['peak_rss_process_mb']:.0f} | {r['wall_s']:.0f} | {r['rtf']:.3f} |")
+
+
+def _save(path: str, results: list) -> None:
+    from m2d.fileio import atomic_path
+
+    import torch
+
+    meta = {'machine': platform.processor() or platform.machine(), 'cpus': os.cpu_count(),
+            'torch': torch.__version__, 'time_utc': time.strftime('%Y-%m-%d %H:%M', time.gmtime())}
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps({'meta': meta, 'results': results}, indent=1))
+
+
+if __name__ == '__main__':
+    main()

@@ -382,6 +382,17 @@ def test_chunking(tmp_path, layout, name, geometry, extra):
     assert rt.encode_lms(lms[..., :unit]).shape == (2, unit // pw, 5 * D)
 
 
+@pytest.mark.parametrize('extra', [992, 995, 1000])
+def test_chunking_remainder_near_a_1001_frame_unit(tmp_path, layout, extra):
+    # a remainder whose padding to whole patches would pass the unit's 62 patches keeps 62, as the reference
+    sd = make_sd(layout, G1001, parts=('encoder', 'norm_stats'), seed=16)
+    rt = RuntimeM2D(save_bare(tmp_path / 'm2d_vit_base-80x1001p16x16-221006-mr7' / 'checkpoint-1.pth', sd))
+    lms = torch.randn(1, 1, 80, 1001 + extra, generator=torch.Generator().manual_seed(17))
+    x = rt.encode_lms(lms)
+    assert x.shape == (1, 62 + 62, 5 * D)
+    assert close(x, ref_features(sd, lms, G1001))
+
+
 def test_short_input_uses_first_pos_embed_columns(tmp_path, layout):
     sd = make_sd(layout, G200, parts=('encoder', 'norm_stats'), seed=14)
     rt = RuntimeM2D(save_bare(tmp_path / 'm2d_vit_base-80x200p16x4-230529' / 'checkpoint-1.pth', sd))

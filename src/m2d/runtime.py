@@ -210,7 +210,9 @@ class RuntimeM2D(nn.Module):
             layers = self._encode_chunks(full.reshape(n_full * B, *full.shape[2:]), return_layers)
             pieces += [[layer[c * B:(c + 1) * B] for layer in layers] for c in range(n_full)]
         if rest:
-            tail = nn.functional.pad(lms[..., n_full * unit:], (0, (pw - rest % pw) % pw))
+            # Padded to whole patches, but never past the unit's whole patches: a 1001-frame model's
+            # remainder of 993-1000 frames keeps 62 patches, as the reference's unit-sized slice does.
+            tail = nn.functional.pad(lms[..., n_full * unit:], (0, (pw - rest % pw) % pw))[..., :used]
             pieces.append(self._encode_chunks(tail, return_layers))
         per_layer = []
         for layer_chunks in zip(*pieces):

@@ -326,11 +326,14 @@ def train(opts: TrainConfig, eval_command: Sequence[str] | None = None,
     opts.check()
     env = distributed.setup(opts.device)
     run_log = RunLog(env.is_main)
+    finished = False
     try:
-        return _train(opts, env, run_log, eval_command or LINEAR_EVAL, on_step)
+        result = _train(opts, env, run_log, eval_command or LINEAR_EVAL, on_step)
+        finished = True
+        return result
     finally:
         run_log.close()
-        distributed.cleanup()
+        distributed.cleanup(finished)
 
 
 def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_command: Sequence[str],

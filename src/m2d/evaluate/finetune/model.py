@@ -80,7 +80,7 @@ class FinetuneModel(nn.Module):
                  norm_stats: tuple[float, float] | None = None, dur_frames: int | None = None,
                  freeze_embed: bool = False):
         super().__init__()
-        if dur_frames is not None:
+        if dur_frames is not None and checkpoint.vit.input_size[1] != dur_frames:
             checkpoint = checkpoint_for_frames(checkpoint, dur_frames)
         self.dur_frames = dur_frames
         self.runtime = RuntimeM2D(checkpoint=checkpoint, flat_features=training_mask > 0)

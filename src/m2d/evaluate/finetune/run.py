@@ -19,7 +19,7 @@ from ..tasks import Task
 from .data import AudioCache, choose_splits, make_loader, split_data
 from .files import BestWeights, checkpoint_path, default_output_dir, model_name
 from .loop import fit, predict_logits
-from .model import FinetuneModel
+from .model import FinetuneModel, checkpoint_for_frames
 from .optim import make_optimizer
 from .recipes import evar_command_line, get_recipe
 from .report import write_fold_report, write_report
@@ -102,6 +102,8 @@ def run_one(weights: str | Path, ckpt: Checkpoint, task: Task, output_dir: Path,
     rng = np.random.default_rng(s.seed)
     gen = torch.Generator().manual_seed(s.seed)
 
+    if s.dur_frames is not None:  # the encoder of dur_frames frames; its files are named for them (80x1001...)
+        ckpt = checkpoint_for_frames(ckpt, s.dur_frames)
     name, sr = model_name(ckpt), ckpt.sample_rate
     unit_samples = int(round(task.unit_sec * sr))
     splits = choose_splits(task, s.valid_fraction, s.seed)

@@ -298,7 +298,8 @@ def test_multilabel_task_uses_map(tmp_path, small_ckpt):
     ('optim', 'adam', '--optim adam'), ('mixup', -0.1, '--mixup'), ('training_mask', 1.0, '--training_mask 1.0'),
     ('freq_mask', -1, '--freq_mask'), ('patience', -2, '--patience'), ('norm_stats', '1,0', '--norm_stats'),
     ('norm_stats', 'x', '--norm_stats'), ('valid_fraction', 1.0, '--valid_fraction'),
-    ('valid_fraction', 0.0, '--valid_fraction'), ('save_every', -1, '--save_every')])
+    ('valid_fraction', 0.0, '--valid_fraction'), ('save_every', -1, '--save_every'),
+    ('dur_frames', 0, '--dur_frames 0'), ('weighted_sampling', -1, '--weighted_sampling -1')])
 def test_bad_settings_name_the_option(option, value, message):
     with pytest.raises(ft.FinetuneError, match=message):
         ft.FinetuneSettings(**{option: value}).check()
@@ -308,7 +309,8 @@ def test_bad_settings_name_the_option(option, value, message):
     (['--lr', '-1'], '--lr -1'), (['--training_mask', '1.5'], '--training_mask'),
     (['--norm_stats', 'a,b'], '--norm_stats'), (['--device', 'nonsense'], '--device'),
     (['--valid_fraction', '2'], '--valid_fraction 2.0'), (['--save_every', '-1'], '--save_every -1'),
-    (['--fold', '3'], '--fold 3: '), (['--valid_fraction', '0.2'], 'has its own valid split')])
+    (['--fold', '3'], '--fold 3: '), (['--valid_fraction', '0.2'], 'has its own valid split'),
+    (['--data_path', 'lms'], '--data_path lms and --data_dir'), (['--dur_frames', '-5'], '--dur_frames -5')])
 def test_cli_bad_options_are_one_line_errors(setup, capsys, extra, message):
     root, ckpt, csv = setup
     rc = main(['finetune', '--weights', str(ckpt), '--csv', str(csv), '--data_dir', str(FSDD), '--epochs', '1',

@@ -10,6 +10,9 @@ Kinds (see METHOD.md, "Masking"):
 - ``unstructured``: uniform random patches (MAE's argsort of uniform noise).
 - ``structured``: random whole frequency rows plus random whole time columns.
 - ``time_continuous``: spans of ``span`` time columns, all frequency rows of a column masked.
+
+Fine-tuning's ``--training_mask`` draws the rows and columns of ``structured`` but keeps them, as the
+reference's runtime does (`structured_training_mask`, `keep_selected`).
 """
 
 from __future__ import annotations

@@ -136,6 +136,7 @@ RECIPES_HELP = """
 recipes (--recipe NAME: the settings of nttcslab/m2d's util/ft-*.sh, run in EVAR with finetune.py;
 options given beside --recipe override it; the report prints the reference's equivalent command):
 {recipes}
+examples with a recipe:
   m2d finetune --recipe esc50 --weights W --data_dir work/16k/esc50 --seed 43
   m2d finetune --recipe as2m --weights W --csv evar/metadata/as.csv --data_path data/audioset_lms
 """
@@ -157,8 +158,8 @@ def _recipe_summary(r) -> str:
     extra = [f'dur_frames={s["dur_frames"]}'] if 'dur_frames' in s else []
     extra += ['freeze_embed'] if s.get('freeze_embed') else []
     extra += [f'{s["weighted_sampling"]} weighted clips/epoch'] if s.get('weighted_sampling') else []
-    return (f'task {r.task}: {s["optim"]} lr {s["lr"]:g}, batch {s["batch_size"]}, {s["epochs"]} ep, '
-            f'mask {s["freq_mask"]}/{s["time_mask"]}, training_mask {s["training_mask"]:g}, mixup {s["mixup"]:g}, '
+    return (f'task {r.task}: {s["optim"]} lr {s["lr"]:g}, batch {s["batch_size"]}, {s["epochs"]} ep '
+            f'(warmup {s["warmup_epochs"]:g}), mask {s["freq_mask"]}/{s["time_mask"]}, training_mask {s["training_mask"]:g}, mixup {s["mixup"]:g}, '
             f'rrc {s["rrc"]}' + (', ' + ', '.join(extra) if extra else ''))
 
 

@@ -104,8 +104,9 @@ class FinetuneModel(nn.Module):
         return lms
 
     def _encode_masked(self, lms: torch.Tensor) -> torch.Tensor:
-        """Encode ``[B, 1, F, T]`` dropping a structured mask of patches per model-length chunk;
-        returns the visible patch features ``[B, N_visible, D]`` of all chunks."""
+        """Encode ``[B, 1, F, T]`` keeping, per model-length chunk, the patches of a structured training
+        mask (`structured_training_mask`: those the reference's runtime keeps); returns the kept patch
+        features ``[B, N_kept, D]`` of all chunks."""
         backbone, cfg = self.runtime.backbone, self.runtime.cfg
         unit, pw = cfg.input_size[1], cfg.patch_size[1]
         used = cfg.grid_size[1] * pw

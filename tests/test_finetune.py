@@ -298,7 +298,8 @@ def test_multilabel_task_uses_map(tmp_path, small_ckpt):
     ('optim', 'adam', '--optim adam'), ('mixup', -0.1, '--mixup'), ('training_mask', 1.0, '--training_mask 1.0'),
     ('freq_mask', -1, '--freq_mask'), ('patience', -2, '--patience'), ('norm_stats', '1,0', '--norm_stats'),
     ('norm_stats', 'x', '--norm_stats'), ('valid_fraction', 1.0, '--valid_fraction'),
-    ('valid_fraction', 0.0, '--valid_fraction'), ('save_every', -1, '--save_every')])
+    ('valid_fraction', 0.0, '--valid_fraction'), ('save_every', -1, '--save_every'),
+    ('dur_frames', 0, '--dur_frames 0'), ('weighted_sampling', -1, '--weighted_sampling -1')])
 def test_bad_settings_name_the_option(option, value, message):
     with pytest.raises(ft.FinetuneError, match=message):
         ft.FinetuneSettings(**{option: value}).check()
@@ -308,7 +309,8 @@ def test_bad_settings_name_the_option(option, value, message):
     (['--lr', '-1'], '--lr -1'), (['--training_mask', '1.5'], '--training_mask'),
     (['--norm_stats', 'a,b'], '--norm_stats'), (['--device', 'nonsense'], '--device'),
     (['--valid_fraction', '2'], '--valid_fraction 2.0'), (['--save_every', '-1'], '--save_every -1'),
-    (['--fold', '3'], '--fold 3: '), (['--valid_fraction', '0.2'], 'has its own valid split')])
+    (['--fold', '3'], '--fold 3: '), (['--valid_fraction', '0.2'], 'has its own valid split'),
+    (['--data_path', 'lms'], '--data_path lms and --data_dir'), (['--dur_frames', '-5'], '--dur_frames -5')])
 def test_cli_bad_options_are_one_line_errors(setup, capsys, extra, message):
     root, ckpt, csv = setup
     rc = main(['finetune', '--weights', str(ckpt), '--csv', str(csv), '--data_dir', str(FSDD), '--epochs', '1',
@@ -585,3 +587,280 @@ def test_best_weights_are_written_per_save_every_and_at_the_end(setup, tmp_path,
     folder = tmp_path / report['checkpoint'].split('/')[-2]
     assert [p.name for p in folder.iterdir()] == ['weights_best.pth']  # written atomically: no temporary left
     assert json.loads(torch.load(report['checkpoint'], weights_only=True)['m2d_finetune'])['epoch'] == epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference's runtime options, recipes, LARS, AudioSet weights (issue 28)
+
+
+def test_masked_encoding_keeps_the_training_mask_patches(small_ckpt):
+    """`_encode_masked` encodes exactly the patches of `structured_training_mask` (same draws)."""
+    from m2d.masking import gather_tokens, structured_training_mask
+
+    model = ft.FinetuneModel(load_checkpoint(small_ckpt), 3, training_mask=0.5)
+    lms = torch.randn(3, 1, 80, 208)
+    model.generator = torch.Generator().manual_seed(5)
+    got = model._encode_masked(lms)
+    bb = model.runtime.backbone
+    x = bb.embed(lms)
+    mask = structured_training_mask(3, (5, 13), 0.5, generator=torch.Generator().manual_seed(5))
+    want = bb.run_blocks(torch.cat([bb.cls_with_pos(3), gather_tokens(x, mask.ids_keep)], dim=1))[:, 1:]
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def _bicubic_time(grid: np.ndarray, new_t: int, a: float = -0.75) -> np.ndarray:
+    """Independent bicubic resampling along the last-but-one axis of ``[F, T, D]`` (Keys' kernel with
+    a = -0.75, half-pixel centres, edge taps clamped: torch's ``bicubic`` with align_corners=False)."""
+    def kernel(t):
+        t = abs(t)
+        if t <= 1:
+            return ((a + 2) * t - (a + 3)) * t * t + 1
+        if t < 2:
+            return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+        return 0.0
+    T = grid.shape[1]
+    out = np.zeros((grid.shape[0], new_t, grid.shape[2]))
+    for j in range(new_t):
+        x = (j + 0.5) * T / new_t - 0.5
+        x0 = int(np.floor(x))
+        for k in range(x0 - 1, x0 + 3):
+            out[:, j] += kernel(x - k) * grid[:, min(max(k, 0), T - 1)]
+    return out
+
+
+@pytest.mark.parametrize('dur_frames', [101, 51, 208, 501])
+def test_dur_frames_trims_or_resamples_pos_embed(small_ckpt, dur_frames):
+    ckpt = load_checkpoint(small_ckpt)
+    pos = ckpt.encoder['pos_embed']  # [1, 1 + 5*13, 64]
+    new = ft.checkpoint_for_frames(ckpt, dur_frames)
+    n = dur_frames // 16
+    assert new.vit.input_size == (80, dur_frames) and new.encoder['pos_embed'].shape == (1, 1 + 5 * n, 64)
+    got = new.encoder['pos_embed'][0].numpy()
+    assert np.array_equal(got[0], pos[0, 0].numpy())  # the cls position is kept
+    grid = pos[0, 1:].numpy().reshape(5, 13, 64)
+    if n <= 13:  # trimmed: patch (f, t) keeps its position
+        want = np.stack([[grid[f, t] for t in range(n)] for f in range(5)])
+        assert np.array_equal(got[1:].reshape(5, n, 64), want)
+    else:  # resampled in time only, bicubically
+        assert np.allclose(got[1:].reshape(5, n, 64), _bicubic_time(grid.astype(np.float64), n), atol=1e-5)
+    assert ckpt.encoder['pos_embed'] is pos  # the loaded checkpoint is left as it was
+    model = ft.FinetuneModel(ckpt, 3, dur_frames=dur_frames)
+    assert ft.model_name(new).startswith(f'm2d_vit_tiny-80x{dur_frames}p16x16')
+    model.eval()
+    with torch.no_grad():  # inputs cropped/padded to dur_frames: 3 s and 0.2 s give n time patches
+        for seconds in (3.0, 0.2):
+            wav = torch.randn(2, int(16000 * seconds)) * 0.1
+            lms = model.log_mel(wav)
+            assert lms.shape[-1] == dur_frames
+            assert model.runtime.encode_lms(model.runtime.normalize_batch(lms)).shape[1] == n
+    with pytest.raises(ValueError, match='--dur_frames 8'):
+        ft.checkpoint_for_frames(ckpt, 8)
+
+
+def test_dur_frames_and_freeze_embed_through_a_run(setup, tmp_path):
+    """--dur_frames 301 (pos_embed resampled 13 -> 18 columns) and --freeze_embed: the patch embedding
+    is bit-identical after training while the blocks moved; the saved file loads at 80x301."""
+    _, ckpt, csv = setup
+    task = load_task(csv=csv, data_dir=FSDD, unit_sec=0.5)
+    enc = load_checkpoint(ckpt).encoder
+    report = ft.finetune(ckpt, task, tmp_path, epochs=2, batch_size=8, lr=0.05, warmup_epochs=1, dur_frames=301,
+                         freeze_embed=True, training_mask=0.5, progress=False)
+    assert report['settings']['dur_frames'] == 301 and report['settings']['freeze_embed'] is True
+    assert 'dur_frames=301,freeze_embed=True' in report['reference_command']
+    saved = load_checkpoint(report['checkpoint'])
+    assert saved.vit.input_size == (80, 301) and '80x301' in report['checkpoint']
+    assert torch.equal(saved.encoder['patch_embed.proj.weight'], enc['patch_embed.proj.weight'])
+    assert torch.equal(saved.encoder['patch_embed.proj.bias'], enc['patch_embed.proj.bias'])
+    assert not torch.equal(saved.encoder['blocks.0.attn.qkv.weight'], enc['blocks.0.attn.qkv.weight'])
+    rt = RuntimeM2D(report['checkpoint'], num_classes=len(task.classes)).eval()
+    assert rt.cfg.input_size == (80, 301) and rt.flat_features
+
+
+def test_freeze_embed_excludes_the_patch_embedding_from_the_optimizer(small_ckpt):
+    model = ft.FinetuneModel(load_checkpoint(small_ckpt), 3, freeze_embed=True)
+    before = {k: v.clone() for k, v in model.runtime.backbone.patch_embed.state_dict().items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p is not model.runtime.backbone.patch_embed.proj.weight for p in params)
+    opt = ft.make_optimizer(params, ft.FinetuneSettings(optim='adamw', lr=1e-2))
+    model.train()
+    for _ in range(2):
+        loss = model(torch.randn(4, 8000) * 0.1).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for k, v in model.runtime.backbone.patch_embed.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_lars_is_timms_lars_by_hand():
+    w0, g1, g2 = torch.tensor([[3.0, 4.0]]), torch.tensor([[0.6, 0.8]]), torch.tensor([[0.0, 1.0]])
+    # EVAR's settings (momentum 0.9, weight decay 0): no trust ratio, momentum SGD (buffer = first gradient).
+    p = torch.nn.Parameter(w0.clone())
+    opt = ft.LARS([p], lr=0.5, momentum=0.9)
+    p.grad = g1.clone()
+    opt.step()
+    assert torch.allclose(p.data, torch.tensor([[3.0 - 0.5 * 0.6, 4.0 - 0.5 * 0.8]]))
+    p.grad = g2.clone()
+    opt.step()  # buffer 0.9 * [0.6, 0.8] + [0, 1] = [0.54, 1.72]
+    assert torch.allclose(p.data, torch.tensor([[2.7 - 0.5 * 0.54, 3.6 - 0.5 * 1.72]]))
+    # With weight decay 0.1: ratio = 0.001 * |w| / (|g| + 0.1 |w| + 1e-8) = 0.001 * 5 / (1 + 0.5)
+    p = torch.nn.Parameter(w0.clone())
+    opt = ft.LARS([p], lr=2.0, momentum=0.9, weight_decay=0.1)
+    p.grad = g1.clone()
+    opt.step()
+    r = 0.001 * 5.0 / (1.0 + 0.5 + 1e-8)
+    d = [(0.6 + 0.1 * 3.0) * r, (0.8 + 0.1 * 4.0) * r]
+    assert torch.allclose(p.data, torch.tensor([[3.0 - 2.0 * d[0], 4.0 - 2.0 * d[1]]]))
+    assert torch.equal(p.grad, g1)  # the gradient is left as it was
+    # A zero weight norm gives ratio 1; biases are treated like weights (no ndim exclusion).
+    b = torch.nn.Parameter(torch.zeros(2))
+    opt = ft.LARS([b], lr=1.0, weight_decay=0.1)
+    b.grad = torch.tensor([1.0, 2.0])
+    opt.step()
+    assert torch.allclose(b.data, torch.tensor([-1.0, -2.0]))
+    # make_optimizer('lars') is EVAR's: momentum 0.9, weight decay 0.
+    group = ft.make_optimizer([torch.nn.Parameter(w0.clone())], ft.FinetuneSettings(optim='lars')).param_groups[0]
+    assert (group['momentum'], group['weight_decay'], group['always_adapt']) == (0.9, 0.0, False)
+
+
+# The settings each script passes (nttcslab/m2d util/ft-*.sh), and config/m2d.yaml for the rest.
+SCRIPT_SETTINGS = {
+    'as2m': dict(dur_frames=1001, freeze_embed=False, lr=2.0, freq_mask=30, time_mask=192, training_mask=0.5,
+                 mixup=0.5, rrc=False, epochs=70, warmup_epochs=15.0, optim='lars', batch_size=64,
+                 weighted_sampling=200000, patience=0),
+    'as20k': dict(dur_frames=1001, freeze_embed=False, lr=0.5, freq_mask=30, time_mask=192, training_mask=0.5,
+                  mixup=0.3, rrc=True, epochs=200, warmup_epochs=5.0, optim='sgd', batch_size=64,
+                  weighted_sampling=0, patience=0),
+    'esc50': dict(dur_frames=501, freeze_embed=True, lr=0.5, freq_mask=15, time_mask=48, training_mask=0.5,
+                  mixup=0.0, rrc=True, epochs=200, warmup_epochs=5.0, optim='sgd', batch_size=128,
+                  weighted_sampling=0, patience=0),
+    'spcv2': dict(dur_frames=None, freeze_embed=False, lr=0.5, freq_mask=30, time_mask=48, training_mask=0.5,
+                  mixup=0.3, rrc=True, epochs=200, warmup_epochs=5.0, optim='sgd', batch_size=128,
+                  weighted_sampling=0, patience=0),
+    'vc1': dict(dur_frames=821, freeze_embed=False, lr=0.0005, freq_mask=30, time_mask=48, training_mask=0.0,
+                mixup=0.0, rrc=False, epochs=50, warmup_epochs=5.0, optim='adamw', batch_size=64,
+                weighted_sampling=0, patience=0),
+}
+SCRIPT_LINES = {  # the command line of each script, with weight W and seed 43
+    'as2m': 'python finetune.py config/m2d.yaml as weight_file=W,encoder_only=True,dur_frames=1001 --optim lars '
+            '--lr=2 --freq_mask 30 --time_mask 192 --training_mask 0.5 --mixup 0.5 --rrc False --epochs 70 '
+            '--warmup_epochs 15 --batch_size 64 --data_path ../data/audioset_lms --seed 43',
+    'esc50': 'python finetune.py config/m2d.yaml esc50 weight_file=W,encoder_only=True,dur_frames=501,'
+             'freeze_embed=True --lr=0.5 --freq_mask 15 --time_mask 48 --training_mask 0.5 --mixup 0 --rrc True '
+             '--epochs 200 --warmup_epochs 5 --batch_size 128 --seed 43',
+}
+
+
+@pytest.mark.parametrize('name', list(SCRIPT_SETTINGS))
+def test_each_recipe_is_its_scripts_settings(name):
+    s = ft.apply_recipe(name, {})
+    assert s.recipe == name
+    assert {k: getattr(s, k) for k in SCRIPT_SETTINGS[name]} == SCRIPT_SETTINGS[name]
+    assert ft.get_recipe(name).task == {'as2m': 'as', 'spcv2': 'spcv2'}.get(name, name)
+    s.check()
+    if name in SCRIPT_LINES:
+        s = dataclasses.replace(s, seed=43)
+        path = '../data/audioset_lms' if name == 'as2m' else None
+        assert ft.evar_command_line(ft.get_recipe(name).task, 'W', s, path) == SCRIPT_LINES[name]
+
+
+def test_explicit_options_override_a_recipe(capsys):
+    import argparse
+
+    from m2d.commands import finetune as cmd
+    parser = argparse.ArgumentParser()
+    cmd.add_arguments(parser)
+    args = parser.parse_args(['--weights', 'w', '--recipe', 'esc50', '--lr', '0.1', '--freeze_embed', 'False',
+                              '--dur_frames', '401'])
+    s = cmd.settings_from_args(args)
+    assert (s.lr, s.freeze_embed, s.dur_frames) == (0.1, False, 401)  # given
+    assert (s.freq_mask, s.time_mask, s.training_mask, s.mixup, s.recipe) == (15, 48, 0.5, 0.0, 'esc50')  # recipe's
+    plain = cmd.settings_from_args(parser.parse_args(['--weights', 'w', '--task', 'esc50']))
+    assert plain == ft.FinetuneSettings(progress=True)  # no recipe: the defaults (EVAR's m2d.yaml)
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--weights', 'w', '--recipe', 'nope'])
+    help_text = parser.format_help()
+    for name, recipe in ft.RECIPES.items():
+        assert name in help_text and recipe.script in help_text
+    capsys.readouterr()
+
+
+def test_recipe_run_reports_the_recipe_and_the_reference_command(setup, tmp_path, capsys):
+    root, ckpt, csv = setup
+    out = tmp_path / 'out'
+    rc = main(['finetune', '--recipe', 'spcv2', '--weights', str(ckpt), '--csv', str(csv), '--data_dir', str(FSDD),
+               '--unit_sec', '0.3', '--epochs', '1', '--batch_size', '8', '--quiet', '--output_dir', str(out)])
+    assert rc == 0
+    report = json.loads((out / 'report.json').read_text())
+    assert report['recipe'] == {'name': 'spcv2', 'script': 'util/ft-spc.sh', 'task': 'spcv2'}
+    assert report['settings']['lr'] == 0.5 and report['settings']['time_mask'] == 48
+    # the recipe's EVAR task names the task (its CSV given with --csv)
+    assert report['reference_command'].startswith('python finetune.py config/m2d.yaml spcv2 weight_file=')
+    assert '--epochs 1 ' in report['reference_command'] and '--batch_size 8 ' in report['reference_command']
+    md = (out / 'report.md').read_text()
+    assert 'recipe: `spcv2`' in md and report['reference_command'] in md
+    assert 'util/ft-spc.sh' in capsys.readouterr().out
+
+
+def test_audioset_weights_by_hand():
+    """EVAR's weight_as.csv formula on 5 clips of labels a, b, c (counts a 3, b 2, c 1)."""
+    clips = [['a'], ['a', 'b'], ['b', 'c'], ['a'], []]
+    index = {'a': 0, 'b': 1, 'c': 2}
+    ids = np.array([index[x] for c in clips for x in c])
+    ends = np.cumsum([len(c) for c in clips])
+    for offset in (0.01, 100.0):  # EVAR's make_as_metadata.py; m2d's make_as_weighted_list.py
+        w = {k: 1000.0 / (n + offset) for k, n in {'a': 3, 'b': 2, 'c': 1}.items()}
+        want = [sum(w[x] for x in c) ** (1 / 1.5) for c in clips]
+        got = ft.audioset_sample_weights(ids, ends, offset)
+        assert np.allclose(got, want, rtol=1e-12)
+    assert np.allclose(ft.audioset_sample_weights(ids, ends)[:4],
+                       [(1000 / 3.01) ** (2 / 3), (1000 / 3.01 + 1000 / 2.01) ** (2 / 3),
+                        (1000 / 2.01 + 1000 / 1.01) ** (2 / 3), (1000 / 3.01) ** (2 / 3)])
+
+
+def test_weighted_epochs_draw_without_replacement_by_weight():
+    weights = np.array([1.0, 1.0, 1.0, 1000.0, 1000.0, 1000.0])
+    draws = [list(ft.WeightedEpochSampler(weights, 3, torch.Generator().manual_seed(s))) for s in range(20)]
+    assert all(len(set(d)) == 3 for d in draws)  # without replacement
+    assert sum(set(d) == {3, 4, 5} for d in draws) >= 18  # the heavy clips nearly always
+    assert len(ft.WeightedEpochSampler(weights, 10, torch.Generator())) == 6  # capped at the list
+
+
+def test_clip_data_holds_numpy_buffers_and_reads_npy_log_mel(tmp_path):
+    """Clip names in a PathTable, labels as numpy arrays; .npy log-mel clips cropped/padded in frames."""
+    from m2d.data.pathtable import PathTable
+
+    for i, t in enumerate((1200, 700)):
+        np.save(tmp_path / f'{i}.npy', np.full((1, 80, t), float(i), dtype=np.float32))
+    data = ft.ClipData(PathTable.from_names([str(tmp_path / '0.npy'), str(tmp_path / '1.npy')]),
+                       np.array([2, 0, 1]), np.array([1, 3]), 3, 16000, 160000, True, None, unit_frames=1001)
+    assert isinstance(data.paths, PathTable) and data.label_ids.dtype == np.int32
+    x0, y0 = data[0]
+    x1, y1 = data[1]
+    assert x0.shape == x1.shape == (80, 1001)
+    assert y0.tolist() == [0, 0, 1] and y1.tolist() == [1, 1, 0]
+    assert float(x1[:, 699].min()) == 1.0 and float(x1[:, 700:].abs().max()) == 0.0  # zero-padded on the right
+    data.keep([1])
+    assert len(data) == 1 and data.paths[0].endswith('1.npy') and data.target(0).tolist() == [1, 1, 0]
+
+
+def test_as_task_from_log_mel_npy_with_weighted_epochs(tmp_path, small_ckpt):
+    """EVAR's 'as' layout: CSV of .wav names with train/test only, read as .npy from --data_path."""
+    rng = np.random.default_rng(0)
+    labels = ['/m/a', '/m/b', '/m/c']
+    rows = ['file_name,label,split']
+    for i in range(12):
+        split = 'test' if i < 4 else 'train'
+        folder = tmp_path / 'lms' / split
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / f'{i:02d}.npy', rng.normal(-6, 3, (80, 120)).astype(np.float32))
+        mids = ','.join(labels[j] for j in range(3) if (i >> j) & 1 or j == i % 3)
+        rows.append(f'{split}/{i:02d}.wav,"{mids}",{split}')
+    (tmp_path / 'as.csv').write_text('\n'.join(rows) + '\n')
+    task = load_task('as', csv=tmp_path / 'as.csv', data_dir=tmp_path / 'lms', require_valid=False,
+                     file_suffix='.npy')
+    assert task.multilabel and task.unit_sec == 10.0 and task.counts()['valid'] == 0
+    report = ft.finetune(small_ckpt, task, tmp_path / 'out', epochs=1, batch_size=4, lr=0.01, dur_frames=101,
+                         weighted_sampling=6, training_mask=0.5, data_path='lms', progress=False)
+    assert report['metric'] == 'mAP' and report['validation']['split'] == 'test'
+    assert report['settings']['weighted_sampling'] == 6 and '--data_path lms' in report['reference_command']

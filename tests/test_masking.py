@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m2d.masking import (Mask, as_mask, gather_tokens, make_mask, mask_from_binary, random_mask, restore_order,
-                         structured_mask, time_continuous_mask)
+from m2d.masking import (Mask, as_mask, gather_tokens, keep_selected, make_mask, mask_from_binary, random_mask,
+                         restore_order, structured_mask, structured_selection, structured_training_mask,
+                         time_continuous_mask)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -108,3 +109,81 @@ def test_as_mask_checks():
         make_mask('blocks', 2, (5, 10), 0.5)
     with pytest.raises(ValueError, match='cont_mask'):
         time_continuous_mask(2, (5, 10), 0.5, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fine-tuning mask (--training_mask): the patches the reference's runtime keeps
+
+
+def _reference_kept(rows: list[list[int]], cols: list[list[int]], grid: tuple[int, int]) -> torch.Tensor:
+    """nttcslab/m2d ``random_structured_mask`` + ``random_masking`` on fixed draws, transcribed: the
+    selected rows/columns set to 1, ``argsort(mask, descending=True)``, the first "number of zeros"
+    kept. The sort is taken stable: CUDA's sort is for more than 32 entries (only its bitonic sort of
+    <= 32 is not), and the reference fine-tunes on CUDA."""
+    F, T = grid
+    B = len(rows)
+    mask = torch.zeros((B, F, T), dtype=torch.int)
+    for b in range(B):
+        mask[b, rows[b]] = 1
+    for b in range(B):
+        mask[b, :, cols[b]] = 1
+    ids_shuffle = torch.argsort(mask.view(B, -1), descending=True, stable=True)
+    len_keep = int((mask[0] == 0).sum())
+    return ids_shuffle[:, :len_keep]
+
+
+def _selection(rows: list[list[int]], cols: list[list[int]], grid: tuple[int, int]) -> torch.Tensor:
+    F, T = grid
+    sel = torch.zeros(len(rows), F, T, dtype=torch.bool)
+    for b, (r, c) in enumerate(zip(rows, cols)):
+        sel[b, r] = True
+        sel[b, :, c] = True
+    return sel.reshape(len(rows), F * T)
+
+
+def test_training_mask_keeps_the_selected_patches_by_hand():
+    # 3 x 4 grid, column 1 selected: 3 selected, 9 unselected -> the 3 selected, then the first 6
+    # unselected patches in index order (the tie among zeros broken by index).
+    m = keep_selected(_selection([[]], [[1]], (3, 4)))
+    assert m.len_keep == 9
+    assert m.ids_keep.tolist() == [[1, 5, 9, 0, 2, 3, 4, 6, 7]]
+    # 3 x 4 grid, rows 0 and 2 selected: 8 selected, 4 unselected -> the first 4 selected (a cut
+    # among the tied ones: row 0).
+    m = keep_selected(_selection([[0, 2]], [[]], (3, 4)))
+    assert m.ids_keep.tolist() == [[0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize('nf', [0, 1, 2, 4])
+def test_training_mask_matches_the_reference_transcription(nf):
+    F, T, ratio = 5, 38, 0.5
+    nt = int(T * max(ratio + 0.5 / T - nf / F, 0.0))  # the reference's NT for this NF
+    g = torch.Generator().manual_seed(nf)
+    rows = [torch.randperm(F, generator=g)[:nf].tolist() for _ in range(6)]
+    cols = [torch.randperm(T, generator=g)[:nt].tolist() for _ in range(6)]
+    sel = _selection(rows, cols, (F, T))
+    ours = keep_selected(sel)
+    ref = _reference_kept(rows, cols, (F, T))
+    assert torch.equal(ours.ids_keep, ref)  # same patches, same order
+    _check_permutation(ours)
+    n_sel = int(sel[0].sum())
+    if nf == 1:  # the issue's case: a cross (1 row + 11 columns = 82 patches) plus 26 unselected ones
+        assert (nt, n_sel, ours.len_keep) == (11, 82, 108)
+    kept = torch.zeros_like(sel).scatter_(1, ours.ids_keep, True)
+    if n_sel <= ours.len_keep:  # every selected patch kept, topped up by the lowest unselected indices
+        assert bool((kept | ~sel).all())
+        for b in range(6):
+            unsel = (~sel[b]).nonzero().flatten()
+            assert torch.equal(kept[b] & ~sel[b], torch.zeros_like(sel[b]).index_fill_(
+                0, unsel[:ours.len_keep - n_sel], True))
+    else:  # cut: the first len_keep selected patches in index order, nothing unselected
+        assert not bool((kept & ~sel).any())
+
+
+def test_training_mask_draws_the_rows_and_columns_of_the_structured_mask():
+    for seed in range(5):
+        sel = structured_selection(4, (5, 38), 0.5, generator=_gen(seed))
+        pre = structured_mask(4, (5, 38), 0.5, generator=_gen(seed))  # pre-training: the selection is masked
+        assert torch.equal(pre.binary().bool(), sel)
+        fine = structured_training_mask(4, (5, 38), 0.5, generator=_gen(seed))
+        assert torch.equal(fine.ids_keep, keep_selected(sel).ids_keep)
+        assert fine.len_keep == pre.len_keep  # the same count, other patches

@@ -10,6 +10,9 @@ Kinds (see METHOD.md, "Masking"):
 - ``unstructured``: uniform random patches (MAE's argsort of uniform noise).
 - ``structured``: random whole frequency rows plus random whole time columns.
 - ``time_continuous``: spans of ``span`` time columns, all frequency rows of a column masked.
+
+Fine-tuning's ``--training_mask`` draws the rows and columns of ``structured`` but keeps them, as the
+reference's runtime does (`structured_training_mask`, `keep_selected`).
 """
 
 from __future__ import annotations
@@ -130,6 +133,15 @@ def structured_mask(batch: int, grid_size: tuple[int, int], mask_ratio: float,
     ``NT = int(T max(r + 0.5/T - NF/F, 0))``; each sample then masks NF random rows and NT
     random columns (their union; the count is the same for every sample).
     """
+    masked = structured_selection(batch, grid_size, mask_ratio, device, generator)
+    return _shuffled_from_binary(masked, generator)
+
+
+def structured_selection(batch: int, grid_size: tuple[int, int], mask_ratio: float,
+                         device: torch.device | str | None = None,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """The rows and columns a structured mask selects: boolean ``[B, Fp*Tp]``, True on the NF random
+    rows and NT random columns of each sample (NF, NT as in `structured_mask`)."""
     r = _check_ratio(mask_ratio)
     F, T = grid_size
     u = float(_rand((1,), 'cpu', generator))  # one draw per batch
@@ -138,8 +150,34 @@ def structured_mask(batch: int, grid_size: tuple[int, int], mask_ratio: float,
     nt = min(nt, T)
     rows = _pick(_rand((batch, F), device, generator), nf)
     cols = _pick(_rand((batch, T), device, generator), nt)
-    masked = (rows[:, :, None] | cols[:, None, :]).reshape(batch, F * T)
-    return _shuffled_from_binary(masked, generator)
+    return (rows[:, :, None] | cols[:, None, :]).reshape(batch, F * T)
+
+
+def keep_selected(selected: torch.Tensor) -> Mask:
+    """The fine-tuning mask of the reference's runtime from a selection ``[B, L]`` (True = selected).
+
+    The reference (``random_structured_mask`` in nttcslab/m2d ``patch_m2d.diff``, used when EVAR
+    fine-tunes with ``training_mask > 0``) orders the patches by ``argsort(mask, descending=True)`` and
+    keeps the first "number of unselected" of them: the *selected* patches are kept, cut to that
+    count, or topped up with unselected ones, in index order among ties. That order is the one of a
+    stable sort, which is what CUDA's sort is for more than 32 entries (a 5 x 31 grid has 155); its
+    CPU sort orders ties otherwise. Returns a `Mask` whose ``ids_keep`` are those patches, in that order.
+    """
+    selected = selected.bool()
+    counts = selected.sum(1)
+    if counts.numel() and not bool((counts == counts[0]).all()):
+        raise ValueError(f'every sample must select the same number of patches, got counts {counts.tolist()}')
+    ids_shuffle = torch.argsort(selected.to(torch.uint8), dim=1, descending=True, stable=True)
+    len_keep = selected.shape[1] - (int(counts[0]) if counts.numel() else 0)
+    return Mask(_inverse(ids_shuffle), len_keep)
+
+
+def structured_training_mask(batch: int, grid_size: tuple[int, int], mask_ratio: float,
+                             device: torch.device | str | None = None,
+                             generator: torch.Generator | None = None) -> Mask:
+    """The structured mask of fine-tuning (``--training_mask``): the rows and columns of
+    `structured_selection`, kept as the reference's runtime keeps them (`keep_selected`)."""
+    return keep_selected(structured_selection(batch, grid_size, mask_ratio, device, generator))
 
 
 def time_continuous_mask(batch: int, grid_size: tuple[int, int], mask_ratio: float, span: int,

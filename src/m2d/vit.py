@@ -79,6 +79,31 @@ def sincos_pos_embed_2d(dim: int, grid_size: tuple[int, int], cls_token: bool = 
     return emb.astype(np.float32)
 
 
+def resize_time_positions(pos_embed: torch.Tensor, grid_size: tuple[int, int], time_patches: int) -> torch.Tensor:
+    """A position table ``[1, 1 + Fp*Tp, D]`` (cls first) for `time_patches` time columns instead of Tp.
+
+    As the reference's ``get_backbone`` does for ``dur_frames`` (nttcslab/m2d ``m2d/runtime_audio.py``):
+    fewer columns keep the first ones; more columns resample the ``Fp x Tp`` grid bicubically to
+    ``Fp x time_patches`` (its ``resample_abs_pos_embed``: ``F.interpolate(mode='bicubic')``,
+    ``align_corners=False``, no antialiasing; the frequency axis keeps its size, so it is unchanged).
+    The cls position is kept as it is.
+    """
+    fp, tp = grid_size
+    if pos_embed.dim() != 3 or pos_embed.shape[:2] != (1, 1 + fp * tp):
+        raise ValueError(f'pos_embed {tuple(pos_embed.shape)} is not [1, 1 + {fp}*{tp}, D]')
+    if time_patches < 1:
+        raise ValueError(f'time_patches must be >= 1, got {time_patches}')
+    if time_patches == tp:
+        return pos_embed
+    cls, grid = pos_embed[:, :1], pos_embed[:, 1:].reshape(1, fp, tp, -1)
+    if time_patches < tp:
+        grid = grid[:, :, :time_patches]
+    else:
+        grid = F.interpolate(grid.permute(0, 3, 1, 2).float(), size=(fp, time_patches), mode='bicubic',
+                             align_corners=False).permute(0, 2, 3, 1).to(pos_embed.dtype)
+    return torch.cat([cls, grid.reshape(1, fp * time_patches, -1)], dim=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # cached low-precision weights under autocast
 

@@ -55,37 +55,62 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..evaluate.finetune.recipes import RECIPES
+
+    d = _defaults()
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = EPILOG
+    parser.epilog = EPILOG + RECIPES_HELP.format(recipes='\n'.join(
+        f'  {r.name:<7} {r.script:<17} {_recipe_summary(r)}' for r in RECIPES.values()))
     parser.add_argument('--weights', '-w', required=True, metavar='NAME_OR_PATH',
-                        help='a released model name or a weight file (.pth, .safetensors, an m2d pretrain checkpoint)')
+                        help='a released model name or a weight file (.pth, .safetensors, an m2d pretrain checkpoint); '
+                             'only its encoder is used (the reference\'s encoder_only=True, always)')
+    parser.add_argument('--recipe', default=None, choices=list(RECIPES), metavar='NAME',
+                        help=f'the settings of one of the reference\'s scripts ({", ".join(RECIPES)}; see below); '
+                             'options given beside it override it; --task defaults to its task')
     add_task_arguments(parser)
-    o = parser.add_argument_group('training (defaults: EVAR config/m2d.yaml)')
-    o.add_argument('--lr', type=float, default=2.0, help='peak learning rate (default %(default)s)')
-    o.add_argument('--optim', choices=['sgd', 'adamw', 'lars'], default='sgd', help='optimizer (default sgd, momentum 0.9)')
-    o.add_argument('--batch_size', '--batch-size', dest='batch_size', type=int, default=128,
-                   help='clips per step (default %(default)s)')
-    o.add_argument('--epochs', type=int, default=200, help='training epochs (default %(default)s)')
-    o.add_argument('--warmup_epochs', '--warmup-epochs', dest='warmup_epochs', type=float, default=5.0,
-                   help='linear warmup epochs before the cosine decay (default %(default)s)')
-    o.add_argument('--patience', type=int, default=0,
+    parser.add_argument('--data_path', '--data-path', dest='data_path', default=None, metavar='DIR',
+                        help="read the CSV's clips as log-mel .npy files (name.wav -> name.npy) from DIR, as EVAR's "
+                             "'as' task with --data_path (the reference's data/audioset_lms); instead of --data_dir")
+    o = parser.add_argument_group('training (defaults: EVAR config/m2d.yaml, or the recipe\'s)')
+    o.add_argument('--lr', type=float, default=None, help=f'peak learning rate (default {d.lr})')
+    o.add_argument('--optim', choices=['sgd', 'adamw', 'lars'], default=None,
+                   help="optimizer, as EVAR builds them: sgd (momentum 0.9), adamw, lars (timm's Lars, momentum 0.9: "
+                        'with no weight decay plain momentum SGD) (default sgd)')
+    o.add_argument('--batch_size', '--batch-size', dest='batch_size', type=int, default=None,
+                   help=f'clips per step (default {d.batch_size})')
+    o.add_argument('--epochs', type=int, default=None, help=f'training epochs (default {d.epochs})')
+    o.add_argument('--warmup_epochs', '--warmup-epochs', dest='warmup_epochs', type=float, default=None,
+                   help=f'linear warmup epochs before the cosine decay (default {d.warmup_epochs:g})')
+    o.add_argument('--patience', type=int, default=None,
                    help='stop after N epochs without a better validation score (default 0: train every epoch, '
                         'keep the best, as EVAR; its --early_stop_epochs N is --patience N+1)')
-    o.add_argument('--mixup', type=float, default=0.5, metavar='ALPHA', help='mixup Beta α; 0 disables (default %(default)s)')
-    o.add_argument('--rrc', type=boolean, nargs='?', const=True, default=True, metavar='True|False',
+    o.add_argument('--mixup', type=float, default=None, metavar='ALPHA',
+                   help=f'mixup Beta α; 0 disables (default {d.mixup})')
+    o.add_argument('--rrc', type=boolean, nargs='?', const=True, default=None, metavar='True|False',
                    help='random resize crop of the log-mel input (default True)')
-    o.add_argument('--freq_mask', '--freq-mask', dest='freq_mask', type=int, default=30,
-                   help='SpecAugment frequency band, up to N mel bins; 0 disables (default %(default)s)')
-    o.add_argument('--time_mask', '--time-mask', dest='time_mask', type=int, default=192,
-                   help='SpecAugment time band, up to N frames; 0 disables (default %(default)s)')
-    o.add_argument('--training_mask', '--training-mask', dest='training_mask', type=float, default=0.0,
-                   help='structured patch mask ratio while training; > 0 also makes the features flat (D per patch) '
-                        '(default %(default)s)')
+    o.add_argument('--freq_mask', '--freq-mask', dest='freq_mask', type=int, default=None,
+                   help=f'SpecAugment frequency band, up to N mel bins; 0 disables (default {d.freq_mask})')
+    o.add_argument('--time_mask', '--time-mask', dest='time_mask', type=int, default=None,
+                   help=f'SpecAugment time band, up to N frames; 0 disables (default {d.time_mask})')
+    o.add_argument('--training_mask', '--training-mask', dest='training_mask', type=float, default=None,
+                   help='structured patch mask ratio while training, the patches kept as the reference\'s runtime '
+                        'keeps them; > 0 also makes the features flat (D per patch) (default 0.0)')
+    o.add_argument('--dur_frames', '--dur-frames', dest='dur_frames', type=int, default=None, metavar='N',
+                   help="the reference's dur_frames: the encoder takes N frames (e.g. 1001 for 10 s), its pos_embed "
+                        'trimmed (shorter) or bicubically resampled (longer), every input cropped/padded to N '
+                        'frames; the fine-tuned file is named for N (default: the model\'s own length, in chunks)')
+    o.add_argument('--freeze_embed', '--freeze-embed', dest='freeze_embed', type=boolean, nargs='?', const=True,
+                   default=None, metavar='True|False',
+                   help="the reference's freeze_embed: the patch embedding is not trained (default False)")
+    o.add_argument('--weighted_sampling', '--weighted-sampling', dest='weighted_sampling', type=int, default=None,
+                   metavar='N', help="an epoch is N train clips drawn without replacement, weighted by AudioSet's "
+                                     "label-frequency formula (EVAR's 'as' task: 200000) (default 0: every clip once)")
     o.add_argument('--weight_decay', '--weight-decay', dest='weight_decay', type=float, default=None,
-                   help='default 0 (sgd, lars) or 1e-4 (adamw)')
+                   help='default 0 (sgd, lars) or 1e-4 (adamw), as EVAR')
     o.add_argument('--norm_stats', '--norm-stats', dest='norm_stats', default=None, metavar='auto|MEAN,STD',
-                   help='log-mel normalization: default the weight file\'s; auto = train split (as EVAR)')
-    o.add_argument('--seed', type=int, default=0,
+                   help="log-mel normalization: default the weight file's (EVAR uses them for M2D); auto = computed "
+                        'on the train split (what EVAR does only for models without statistics)')
+    o.add_argument('--seed', type=int, default=None,
                    help='seed of the split, order, augmentations, head init (default 0; EVAR\'s is 42)')
     o.add_argument('--fold', default=None, metavar='K',
                    help='a fold task (CSV with a fold column): run only fold K as the test set (default: every '
@@ -107,21 +132,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument('--quiet', '-q', action='store_true', help='no progress bars')
 
 
+RECIPES_HELP = """
+recipes (--recipe NAME: the settings of nttcslab/m2d's util/ft-*.sh, run in EVAR with finetune.py;
+options given beside --recipe override it; the report prints the reference's equivalent command):
+{recipes}
+examples with a recipe:
+  m2d finetune --recipe esc50 --weights W --data_dir work/16k/esc50 --seed 43
+  m2d finetune --recipe as2m --weights W --csv evar/metadata/as.csv --data_path data/audioset_lms
+"""
+
+# Settings taken from the command line when given (None: the recipe's or the default).
+SETTING_OPTIONS = ('lr', 'optim', 'batch_size', 'epochs', 'warmup_epochs', 'patience', 'mixup', 'rrc', 'freq_mask',
+                   'time_mask', 'training_mask', 'dur_frames', 'freeze_embed', 'weighted_sampling', 'weight_decay',
+                   'norm_stats', 'seed', 'fold', 'valid_fraction')
+
+
+def _defaults():
+    from ..evaluate.finetune.settings import FinetuneSettings
+
+    return FinetuneSettings()
+
+
+def _recipe_summary(r) -> str:
+    s = r.settings
+    extra = [f'dur_frames={s["dur_frames"]}'] if 'dur_frames' in s else []
+    extra += ['freeze_embed'] if s.get('freeze_embed') else []
+    extra += [f'{s["weighted_sampling"]} weighted clips/epoch'] if s.get('weighted_sampling') else []
+    return (f'task {r.task}: {s["optim"]} lr {s["lr"]:g}, batch {s["batch_size"]}, {s["epochs"]} ep '
+            f'(warmup {s["warmup_epochs"]:g}), mask {s["freq_mask"]}/{s["time_mask"]}, training_mask {s["training_mask"]:g}, mixup {s["mixup"]:g}, '
+            f'rrc {s["rrc"]}' + (', ' + ', '.join(extra) if extra else ''))
+
+
+def settings_from_args(args: argparse.Namespace):
+    """`FinetuneSettings`: the recipe's (if any), then every option given on the command line."""
+    from ..evaluate.finetune.recipes import apply_recipe
+
+    explicit = {k: getattr(args, k) for k in SETTING_OPTIONS if getattr(args, k) is not None}
+    explicit.update(save_every=args.save_every, bf16=args.bf16, device=args.device, workers=args.workers,
+                    trust=args.trust, progress=not args.quiet, data_path=args.data_path)
+    return apply_recipe(args.recipe, explicit)
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import hub
-    from ..evaluate.finetune import FinetuneSettings, finetune
+    from ..evaluate.finetune import FinetuneError, finetune
+    from ..evaluate.finetune.recipes import get_recipe
     from ..evaluate.tasks import load_task
 
-    settings = FinetuneSettings(
-        lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-        optim=args.optim, mixup=args.mixup, rrc=args.rrc, freq_mask=args.freq_mask, time_mask=args.time_mask,
-        training_mask=args.training_mask, patience=args.patience, seed=args.seed, norm_stats=args.norm_stats,
-        weight_decay=args.weight_decay, fold=args.fold, valid_fraction=args.valid_fraction,
-        save_every=args.save_every, bf16=args.bf16, device=args.device, workers=args.workers,
-        trust=args.trust, progress=not args.quiet)
+    settings = settings_from_args(args)
     settings.check()  # option errors before the data is read
-    task = load_task(args.task, csv=args.csv, data_dir=args.data_dir, unit_sec=args.unit_sec, seed=args.seed)
+    task_name = args.task if args.task is not None else get_recipe(args.recipe).task if args.recipe else None
+    if args.data_path is not None and args.data_dir is not None:
+        raise FinetuneError(f'--data_path {args.data_path} and --data_dir {args.data_dir}: give one of them '
+                            '(--data_path reads log-mel .npy clips, --data_dir audio files)')
+    task = load_task(task_name, csv=args.csv, data_dir=args.data_path or args.data_dir, unit_sec=args.unit_sec,
+                     seed=settings.seed, require_valid=False, file_suffix='.npy' if args.data_path else None)
     report = finetune(hub.weights_path(args.weights), task, args.output_dir, settings)
+    if report.get('recipe'):
+        print(f'recipe {report["recipe"]["name"]} ({report["recipe"]["script"]}); the reference: '
+              f'{report["reference_command"]}')
     where = 'validated on test: optimistic' if report['validation']['split'] == 'test' else 'validated on ' + (
         'a carved part of train' if report['validation']['split'] == 'carved' else 'the valid split')
     if 'fold_runs' in report:

@@ -28,6 +28,7 @@ EVAR_TASKS: dict[str, EvarTask] = {t.name: t for t in (
     EvarTask('nsynth', 4.0), EvarTask('surge', 4.0), EvarTask('fsd50k', 7.6358, metric='mAP'),
     EvarTask('as20k', 10.0, metric='mAP'), EvarTask('nspitch', 4.0), EvarTask('nsvelocity', 4.0),
     EvarTask('cremad_gender', 2.5),
+    EvarTask('as', 10.0, metric='mAP'),  # AudioSet 2M: EVAR's metadata (evar/utils/make_as_metadata.py), for fine-tuning
 )}
 
 # The nine tasks of the results table in the seed README (section 4), in its order.

@@ -225,7 +225,8 @@ def _parse_labels(cell: str, sep: str | None) -> tuple[str, ...]:
     return tuple(sorted(dict.fromkeys(p for p in parts if p)))
 
 
-def _read_csv_task(csv: Path, data_dir: Path, seed: int, ratio) -> tuple[list[Clip], list[str]]:
+def _read_csv_task(csv: Path, data_dir: Path, seed: int, ratio,
+                   file_suffix: str | None = None) -> tuple[list[Clip], list[str]]:
     if not csv.is_file():
         raise TaskError(f'--csv {csv}: no such file')
     if not data_dir.is_dir():
@@ -250,6 +251,8 @@ def _read_csv_task(csv: Path, data_dir: Path, seed: int, ratio) -> tuple[list[Cl
             raise TaskError(f'{csv}:{line}: empty file_name')
         if not labels:
             raise TaskError(f'{csv}:{line}: no label for {name}')
+        if file_suffix is not None:  # EVAR's 'as' task reads <name>.npy log-mel clips from --data_path
+            name = str(Path(name).with_suffix(file_suffix))
         path = data_dir / name
         if not path.is_file():
             absent.append(name)
@@ -333,7 +336,7 @@ def _fsdd_task(task: str, data_dir: Path, seed: int, ratio) -> tuple[list[Clip],
                    f'seed {seed}']
 
 
-def _check(task: Task) -> None:
+def _check(task: Task, require_valid: bool = True) -> None:
     """One class only, empty splits, test labels unseen in train: errors naming the source."""
     src = task.source
     if len(task.classes) < 2:
@@ -341,7 +344,7 @@ def _check(task: Task) -> None:
                         'a classification task needs at least two')
     counts = task.counts()
     for s in SPLITS:
-        if counts[s] == 0:
+        if counts[s] == 0 and (require_valid or s != 'valid'):
             raise TaskError(f'{src}: the {s} split is empty ({counts["train"]} train / {counts["valid"]} valid / '
                             f'{counts["test"]} test clips)')
     train_labels = {label for c in task.split('train') for label in c.labels}
@@ -358,16 +361,20 @@ def _check(task: Task) -> None:
 
 def load_task(task: str | None = None, *, csv: str | Path | None = None, data_dir: str | Path | None = None,
               unit_sec: float | None = None, seed: int = 0,
-              split_ratio: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> Task:
+              split_ratio: tuple[float, float, float] = (0.7, 0.1, 0.2), require_valid: bool = True,
+              file_suffix: str | None = None) -> Task:
     """A built-in task by name (`task`), a CSV task (`csv` + `data_dir`), or a folder task (`data_dir`).
 
     `unit_sec` defaults to the longest clip, capped at 10 s. `seed` drives every split that is made
-    here (stratified splits, the validation part of the official FSDD split).
+    here (stratified splits, the validation part of the official FSDD split). ``require_valid=False``
+    accepts a CSV whose split column has no valid clips (EVAR's as20k, as: fine-tuning validates on
+    test then). `file_suffix` replaces the suffix of the CSV's file names (``'.npy'``: EVAR's ``as``
+    task reading log-mel clips from ``--data_path``).
     """
     ratio = tuple(float(x) for x in split_ratio)
     prepared: dict = {}
     if task in EVAR_TASKS:
-        return _evar_task(EVAR_TASKS[task], csv, data_dir, unit_sec, seed, split_ratio)
+        return _evar_task(EVAR_TASKS[task], csv, data_dir, unit_sec, seed, split_ratio, require_valid, file_suffix)
     if task is not None:
         if task not in BUILTIN_TASKS:
             raise TaskError(f'--task {task!r}: not a built-in task (built-in: {", ".join(BUILTIN_TASKS)}; EVAR\'s: '
@@ -381,7 +388,7 @@ def load_task(task: str | None = None, *, csv: str | Path | None = None, data_di
         if data_dir is None:
             raise TaskError(f'--csv {csv}: needs --data_dir, the folder the file names are relative to')
         csv = Path(csv)
-        clips, notes = _read_csv_task(csv, Path(data_dir), seed, ratio)
+        clips, notes = _read_csv_task(csv, Path(data_dir), seed, ratio, file_suffix)
         name, source = csv.stem, str(csv)
         prepared = read_prepared(Path(data_dir))
     elif data_dir is not None:
@@ -398,7 +405,7 @@ def load_task(task: str | None = None, *, csv: str | Path | None = None, data_di
         raise TaskError(f'--unit_sec {unit_sec}: must be positive')
     result = Task(name=name, clips=clips, classes=classes, multilabel=multilabel, unit_sec=float(unit_sec),
                   source=source, notes=notes, prepared=prepared)
-    _check(result)
+    _check(result, require_valid)
     log.info('%s', result)
     return result
 
@@ -417,7 +424,7 @@ def read_prepared(data_dir: Path) -> dict:
 
 
 def _evar_task(evar, csv: str | Path | None, data_dir: str | Path | None, unit_sec: float | None, seed: int,
-               split_ratio) -> Task:
+               split_ratio, require_valid: bool = True, file_suffix: str | None = None) -> Task:
     """EVAR's task `evar` from ``DATA_DIR/<name>.csv`` (or `csv`), with EVAR's unit length by default."""
     if data_dir is None:
         raise TaskError(f'--task {evar.name}: needs --data_dir, the folder holding {evar.name}.csv and the audio '
@@ -430,7 +437,7 @@ def _evar_task(evar, csv: str | Path | None, data_dir: str | Path | None, unit_s
                             f'{evar.name} {data_dir}`, or give EVAR\'s metadata with --csv evar/metadata/'
                             f'{evar.name}.csv)')
     task = load_task(csv=csv, data_dir=data_dir, unit_sec=evar.unit_sec if unit_sec is None else unit_sec,
-                     seed=seed, split_ratio=split_ratio)
+                     seed=seed, split_ratio=split_ratio, require_valid=require_valid, file_suffix=file_suffix)
     task.name = evar.name
     n_folds = len(task.folds) or 1
     task.notes.append(f"EVAR's {evar.name}: unit {evar.unit_sec:g} s, {evar.folds} fold(s), {evar.metric}")

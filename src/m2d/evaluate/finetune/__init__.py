@@ -12,7 +12,8 @@ audited line by line against ``run_eval``, ``_train``, ``TaskHead``, ``AudioFine
 - model: waveform -> log-mel -> normalized with the weight file's statistics (EVAR's ``get_backbone``
   writes them over the yaml's -7.1/4.2; ``norm_stats='auto'`` computes them on the train split) ->
   [train: SpecAugment, then random resize crop: ``AudioFineuneAug``] -> encoder (train: with a
-  structured patch mask when ``training_mask > 0``) -> mean over time -> ``TaskHead``:
+  structured patch mask when ``training_mask > 0``, keeping the patches the reference's runtime
+  keeps: `masking.keep_selected`) -> mean over time -> ``TaskHead``:
   ``BatchNorm1d(D, affine=False)`` -> ``Linear(D, C)`` (N(0, 0.01), bias 0). Features are flat
   (``D``) when ``training_mask > 0``, stacked (``Fp*D``) otherwise; at evaluation the encoder is
   exactly `RuntimeM2D.encode`. Module `model`.
@@ -21,8 +22,8 @@ audited line by line against ``run_eval``, ``_train``, ``TaskHead``, ``AudioFine
   partner = a random permutation of the batch). Batch 128 (``ft_bs``), a short last batch kept.
 - loss: ``-mean(y * log_softmax(logits))`` (soft-target cross-entropy divided by the number of
   classes, so EVAR's learning rates carry over), BCE with logits for multi-label. Module `scoring`.
-- optimizer: SGD (momentum 0.9, no weight decay) or AdamW (β 0.9/0.95, eps 1e-8, weight decay 1e-4,
-  amsgrad); the rate of timm's ``CosineLRScheduler(t_initial=epochs, lr_min=1e-7, warmup_t=5,
+- optimizer: SGD (momentum 0.9, no weight decay), AdamW (β 0.9/0.95, eps 1e-8, weight decay 1e-4,
+  amsgrad) or timm's Lars (momentum 0.9, no weight decay: then momentum SGD); the rate of timm's ``CosineLRScheduler(t_initial=epochs, lr_min=1e-7, warmup_t=5,
   warmup_lr_init=0)``, set per micro-epoch *after* each step as ``_train`` does, so step k runs at
   the schedule's value at ``(k-1)/steps_per_epoch``. Module `optim`.
 - selection: the validation metric (accuracy, or mAP) after every epoch; a strictly better score is
@@ -31,6 +32,12 @@ audited line by line against ``run_eval``, ``_train``, ``TaskHead``, ``AudioFine
   Module `loop`.
 - defaults (``config/m2d.yaml``): lr 2.0, batch 128, 200 epochs, warmup 5, mixup 0.5, freq/time
   mask 30/192, rrc on, training mask 0, no early stop. `FinetuneSettings`.
+- the reference's runtime options: ``dur_frames`` (the encoder takes N frames: ``pos_embed`` trimmed
+  or bicubically resampled, inputs cropped/padded to N) and ``freeze_embed`` (`model`);
+  ``encoder_only`` is what our loader always does (only the encoder's weights are loaded).
+- recipes: the reference's ``util/ft-*.sh`` by name (`recipes`), incl. AS2M's weighted epochs of
+  200,000 clips (`data.audioset_sample_weights`, `data.WeightedEpochSampler`) over log-mel .npy
+  clips; clip names and labels live in numpy buffers (`data.ClipData`), not per-clip objects.
 
 Differences from EVAR, on purpose:
 
@@ -42,15 +49,15 @@ Differences from EVAR, on purpose:
 - when validating on test, the test score is the best epoch's validation pass (as EVAR reports);
   otherwise the best weights are tested, as EVAR does.
 - SpecAugment bands are drawn per sample (torchaudio's maskings in EVAR draw one band per batch).
-- clips are not padded to the model's full input length (608 frames) before encoding, so training,
-  testing and the saved file compute exactly what `RuntimeM2D` computes; valid clips are cropped
-  from the start (EVAR crops its valid split at random, its test split from the start).
+- valid clips are cropped from the start (EVAR crops its valid split at random, its test split from
+  the start).
 - the first epoch's score is always a first best (EVAR starts from 0.0 and never saves an epoch
   that scores 0); a last training batch of one clip is dropped (BatchNorm cannot train on it).
 - class ids come from all the task's clips (EVAR's from the train split's labels: the same when
   every class has train clips).
-- extras EVAR's finetune.py has not: ``optim='lars'``, ``bf16``, ``patience``, ``valid_fraction``;
-  EVAR's ``hidden`` head layers and balanced sampling (used only for its 'as' task) are not here.
+- extras EVAR's finetune.py has not: ``bf16``, ``patience``, ``valid_fraction``, ``weight_decay``;
+  EVAR's ``hidden`` head layers and ``lamb`` optimizer are not here; its balanced sampling is here
+  only as the 'as' task's weighted epochs (``weighted_sampling``).
 
 The checkpoint is a plain dict loadable with ``torch.load(weights_only=True)``: EVAR's keys
 ``module.ar.runtime.backbone.*``, ``module.head.norm.running_mean/var``,
@@ -60,25 +67,28 @@ portable runtime too), ``classes`` (list of str), ``m2d_name`` (geometry and sam
 epoch, unit_sec). It loads in ``RuntimeM2D(path, num_classes=C)``; its folder is named
 ``<m2d_name>-<task>`` so the reference's loaders, which parse the folder name, load it too.
 
-Modules: `settings` (options), `model`, `data`, `optim`, `scoring`, `loop` (epochs), `files` (the
+Modules: `settings` (options), `recipes`, `model`, `data`, `optim`, `scoring`, `loop` (epochs), `files` (the
 checkpoint, best weights), `report`, `run` (`finetune`, the fold loop).
 """
 
 from __future__ import annotations
 
-from .data import CACHE_BYTES, ClipData, Splits, choose_splits, one_hot_targets
+from .data import (CACHE_BYTES, ClipData, Splits, WeightedEpochSampler, audioset_sample_weights, choose_splits,
+                   one_hot_targets)
 from .files import (CHECKPOINT_FILE, BestWeights, checkpoint_path, default_output_dir, finetuned_state, model_name,
                     state_file)
 from .loop import fit, predict_logits, train_epoch
-from .model import EvarHead, FinetuneModel
+from .model import EvarHead, FinetuneModel, checkpoint_for_frames, fit_frames
 from .optim import LARS, learning_rate, make_optimizer, step_learning_rate
+from .recipes import RECIPES, Recipe, apply_recipe, evar_command_line, get_recipe
 from .report import CONFUSION_PNG, CURVES_PNG, REPORT_JSON, REPORT_MD, plot_confusion, plot_curves, write_report
 from .run import finetune, run_one
 from .scoring import class_accuracy, evaluate_scores, evar_loss
 from .settings import OPTIMIZERS, FinetuneError, FinetuneSettings, parse_norm_stats
 from ...checkpoint import save_checkpoint
 
-__all__ = ['BestWeights', 'CACHE_BYTES', 'CHECKPOINT_FILE', 'CONFUSION_PNG', 'CURVES_PNG', 'ClipData', 'EvarHead',
+__all__ = ['RECIPES', 'Recipe', 'WeightedEpochSampler', 'apply_recipe', 'audioset_sample_weights',
+           'checkpoint_for_frames', 'evar_command_line', 'fit_frames', 'get_recipe', 'BestWeights', 'CACHE_BYTES', 'CHECKPOINT_FILE', 'CONFUSION_PNG', 'CURVES_PNG', 'ClipData', 'EvarHead',
            'FinetuneError', 'FinetuneModel', 'FinetuneSettings', 'LARS', 'OPTIMIZERS', 'REPORT_JSON', 'REPORT_MD',
            'Splits', 'checkpoint_path', 'choose_splits', 'class_accuracy', 'default_output_dir', 'evaluate_scores',
            'evar_loss', 'finetune', 'finetuned_state', 'fit', 'learning_rate', 'make_optimizer',

@@ -55,6 +55,15 @@ def plot_confusion(report: dict[str, Any], cm: np.ndarray, path: Path) -> Path |
     return path
 
 
+def recipe_lines(report: dict[str, Any]) -> list[str]:
+    """The report.md lines naming the recipe (if any) and the reference's equivalent command line."""
+    r = report.get('recipe')
+    lines = [f'- recipe: `{r["name"]}` (nttcslab/m2d `{r["script"]}`, EVAR task `{r["task"]}`)'] if r else []
+    if report.get('reference_command'):
+        lines.append(f'- the reference (in EVAR\'s folder): `{report["reference_command"]}`')
+    return lines
+
+
 def validation_lines(validation: dict[str, Any]) -> list[str]:
     """The report.md line saying what served as validation (flagged when it was the test split)."""
     if validation['split'] == 'test':
@@ -84,12 +93,14 @@ def write_report(report: dict[str, Any], output_dir: str | Path, confusion: np.n
              f'(epoch {report["best_epoch"]}, valid {report["valid_best"]:.4f}; {report["epochs_run"]} epochs run'
              f'{", early stop" if report["early_stopped"] else ""})',
              *validation_lines(report['validation']),
+             *recipe_lines(report),
              f'- checkpoint: `{report["checkpoint"]}`',
              f'- time: {tm["total_s"]:.1f} s in all, {tm["per_epoch_s"]:.2f} s per epoch, '
              f'{tm["train_clips_per_s"]:.1f} training clips/s, on {st["device"]}', '',
              '| setting | value |', '|---|---|']
     keys = ('optim', 'lr', 'batch_size', 'epochs', 'warmup_epochs', 'mixup', 'rrc', 'freq_mask', 'time_mask',
-            'training_mask', 'patience', 'seed', 'norm_stats', 'valid_fraction', 'bf16')
+            'training_mask', 'dur_frames', 'freeze_embed', 'weighted_sampling', 'patience', 'seed', 'norm_stats',
+            'valid_fraction', 'bf16')
     lines += [f'| {k} | {st[k]} |' for k in keys]
     lines.append('')
     if figure is not None:
@@ -117,6 +128,7 @@ def write_fold_report(summary: dict[str, Any], output_dir: str | Path) -> None:
              f'- **test {metric}: {summary["test"]:.4f}**, the mean over folds '
              f'{", ".join(f["fold"] for f in folds)} (each fold is the test set in turn, the others train; EVAR)',
              *validation_lines(summary['validation']),
+             *recipe_lines(summary),
              f'- time: {summary["timings"]["total_s"]:.1f} s in all', '',
              f'| fold | test {metric} | best epoch | valid | epochs run | report |', '|---|---|---|---|---|---|']
     lines += [f'| {f["fold"]} | {f["test"]:.4f} | {f["best_epoch"]} | {f["valid_best"]:.4f} | {f["epochs_run"]} | '

@@ -19,8 +19,9 @@ from ..tasks import Task
 from .data import AudioCache, choose_splits, make_loader, split_data
 from .files import BestWeights, checkpoint_path, default_output_dir, model_name
 from .loop import fit, predict_logits
-from .model import FinetuneModel
+from .model import FinetuneModel, checkpoint_for_frames
 from .optim import make_optimizer
+from .recipes import evar_command_line, get_recipe
 from .report import write_fold_report, write_report
 from .scoring import class_accuracy, evaluate_scores
 from .settings import FinetuneError, FinetuneSettings, parse_norm_stats
@@ -76,6 +77,8 @@ def fold_summary(task: Task, runs: list[dict[str, Any]], output_dir: Path, total
         'weights': first['weights'],
         'model_name': first['model_name'],
         'settings': first['settings'],
+        'recipe': first['recipe'],
+        'reference_command': first['reference_command'],
         'metric': first['metric'],
         'validation': first['validation'],
         'test': mean,
@@ -99,11 +102,14 @@ def run_one(weights: str | Path, ckpt: Checkpoint, task: Task, output_dir: Path,
     rng = np.random.default_rng(s.seed)
     gen = torch.Generator().manual_seed(s.seed)
 
+    if s.dur_frames is not None:  # the encoder of dur_frames frames; its files are named for them (80x1001...)
+        ckpt = checkpoint_for_frames(ckpt, s.dur_frames)
     name, sr = model_name(ckpt), ckpt.sample_rate
     unit_samples = int(round(task.unit_sec * sr))
     splits = choose_splits(task, s.valid_fraction, s.seed)
     t0 = time.perf_counter()
-    data, skipped = split_data(task, splits, sr, unit_samples, s.workers, cache, s.progress)
+    unit_frames = s.dur_frames or int(round(task.unit_sec * 100)) + 1  # .npy log-mel clips: 10 ms hops
+    data, skipped = split_data(task, splits, sr, unit_samples, s.workers, cache, s.progress, unit_frames)
     t_read = time.perf_counter() - t0
     if len(data['train']) < 2:
         raise FinetuneError(f'{task.source}: fine-tuning needs at least 2 train clips, got {len(data["train"])}')
@@ -113,7 +119,7 @@ def run_one(weights: str | Path, ckpt: Checkpoint, task: Task, output_dir: Path,
     model.to(device)
     norm_used = tuple(float(v) for v in model.runtime.norm_stats.cpu())
 
-    train_loader = make_loader(data['train'], s.batch_size, True, s.seed, s.workers)
+    train_loader = make_loader(data['train'], s.batch_size, True, s.seed, s.workers, s.weighted_sampling)
     valid_loader = make_loader(data['valid'], s.batch_size, False, s.seed, s.workers)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], s)
     metric = 'mAP' if task.multilabel else 'accuracy'
@@ -141,6 +147,7 @@ def run_one(weights: str | Path, ckpt: Checkpoint, task: Task, output_dir: Path,
         test = evaluate_scores(t_logits, t_targets, task.multilabel)
     t_test = time.perf_counter() - t0
     n_train_seen = len(curves) * len(train_loader) * s.batch_size
+    recipe = get_recipe(s.recipe) if s.recipe else None
     report = {
         'task': {'name': task.name, 'source': task.source, 'classes': task.classes, 'multilabel': task.multilabel,
                  'unit_sec': task.unit_sec, 'counts': {k: len(data[k]) for k in ('train', 'valid', 'test')},
@@ -151,6 +158,8 @@ def run_one(weights: str | Path, ckpt: Checkpoint, task: Task, output_dir: Path,
         'settings': {**{k: v for k, v in asdict(s).items() if k not in ('progress', 'trust')},
                      'norm_stats': list(norm_used), 'norm_stats_source': norm_source, 'device': str(device),
                      'flat_features': s.training_mask > 0},
+        'recipe': None if recipe is None else {'name': recipe.name, 'script': recipe.script, 'task': recipe.task},
+        'reference_command': evar_command_line(task.name, str(weights), s, s.data_path),
         'metric': metric,
         'validation': {'split': splits.validation, 'fraction': s.valid_fraction,
                        'optimistic': splits.valid_is_test},
@@ -180,7 +189,8 @@ def run_one(weights: str | Path, ckpt: Checkpoint, task: Task, output_dir: Path,
 def _make_model(ckpt: Checkpoint, task: Task, s: FinetuneSettings) -> tuple[FinetuneModel, str]:
     """A fresh `FinetuneModel` with the normalization statistics asked for, and their source."""
     norm = parse_norm_stats(s.norm_stats)
-    model = FinetuneModel(ckpt, len(task.classes), s.training_mask)
+    model = FinetuneModel(ckpt, len(task.classes), s.training_mask, dur_frames=s.dur_frames,
+                          freeze_embed=s.freeze_embed)
     if norm == 'auto':
         from ..embed import auto_norm_stats
 

@@ -37,6 +37,11 @@ class FinetuneSettings:
     fold: str | None = None                # one fold of a fold task; None: every fold, averaged (EVAR)
     valid_fraction: float | None = None    # None: validate on test when the task has no valid split (EVAR)
     save_every: int = 10                   # write the best weights every N epochs (if they changed); 0: at the end
+    dur_frames: int | None = None          # the reference's dur_frames: input frames of the encoder (None: its own)
+    freeze_embed: bool = False             # the reference's freeze_embed: the patch embedding is not trained
+    weighted_sampling: int = 0             # clips per epoch drawn by weight without replacement (EVAR's 'as': 200000)
+    recipe: str | None = None              # the named recipe these settings came from (`recipes`), for the report
+    data_path: str | None = None           # the log-mel (.npy) folder of EVAR's 'as' task, for the reference command
     bf16: bool = False
     device: str | None = None
     workers: int = 0
@@ -57,7 +62,9 @@ class FinetuneSettings:
                ('--patience', self.patience, self.patience < 0, 'must be >= 0 epochs (0: no early stopping)'),
                ('--min_lr', self.min_lr, self.min_lr < 0, 'must be >= 0'),
                ('--save_every', self.save_every, self.save_every < 0, 'must be >= 0 epochs (0: only at the end)'),
-               ('--workers', self.workers, self.workers < 0, 'must be >= 0')]
+               ('--workers', self.workers, self.workers < 0, 'must be >= 0'),
+               ('--weighted_sampling', self.weighted_sampling, self.weighted_sampling < 0,
+                'must be >= 0 clips per epoch (0: every train clip once, shuffled)')]
         for name, value, failed, why in bad:
             if failed:
                 raise FinetuneError(f'{name} {value}: {why}')
@@ -65,6 +72,8 @@ class FinetuneSettings:
             raise FinetuneError(f'--weight_decay {self.weight_decay}: must be >= 0')
         if self.valid_fraction is not None and not 0 < self.valid_fraction < 1:
             raise FinetuneError(f'--valid_fraction {self.valid_fraction}: must be in (0, 1), e.g. 0.1')
+        if self.dur_frames is not None and self.dur_frames < 1:
+            raise FinetuneError(f'--dur_frames {self.dur_frames}: must be a positive number of frames, e.g. 1001')
         parse_norm_stats(self.norm_stats)
 
 

@@ -386,3 +386,59 @@ def test_retrieval_swapped_caption_matches_independent_ranking(tmp_path, standin
     assert r['audio_to_text']['R@1'] == pytest.approx(100 * np.mean(np.array(a2t) < 1))
     assert r['audio_to_text']['R@1'] == 100.0  # clip 0 still has two right captions
     assert r['text_to_audio']['R@5'] == pytest.approx(100 * np.mean(np.array(t2a) < 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# the real audio side: a small M2D-CLAP stand-in checkpoint through load_clap and RuntimeM2D
+
+
+def _clap_standin(folder: Path, with_proj: bool = True) -> Path:
+    from conftest import write_small_checkpoint
+
+    path = write_small_checkpoint(folder, name='m2d_clap_vit_tiny-80x208p16x16-240128')
+    if with_proj:
+        ckpt = torch.load(path, weights_only=False)
+        g = torch.Generator().manual_seed(7)
+        ckpt['model'].update({'audio_proj.0.weight': torch.randn(64, 64, generator=g) / 8,
+                              'audio_proj.0.bias': torch.randn(64, generator=g) / 8,
+                              'audio_proj.2.weight': torch.randn(16, 64, generator=g) / 8,
+                              'audio_proj.2.bias': torch.randn(16, generator=g) / 8,
+                              'logit_scale': torch.tensor(2.0)})
+        torch.save(ckpt, path)
+    return path
+
+
+def test_clap_audio_embeddings_crop_pad_like_evar(tmp_path, monkeypatch):
+    from m2d.runtime import RuntimeM2D
+
+    # the text side is 27a's; here only its presence is needed, and encode_audio is encode_clap_audio
+    monkeypatch.setattr(RuntimeM2D, 'encode_audio', RuntimeM2D.encode_clap_audio, raising=False)
+    monkeypatch.setattr(RuntimeM2D, 'encode_text', lambda self, texts: torch.zeros(len(texts), 16), raising=False)
+    loaded = clap_mod.load_clap(_clap_standin(tmp_path))
+    assert loaded.name == 'm2d_clap_vit_tiny-80x208p16x16-240128_checkpoint-1' and len(loaded.sha256) == 64
+    rng = np.random.default_rng(0)
+    lengths = {'long': 3 * SR + 123, 'short': SR // 2, 'exact': 2 * SR}
+    clips = []
+    for name, n in lengths.items():
+        sf.write(tmp_path / f'{name}.wav', (0.1 * rng.standard_normal(n)).astype(np.float32), SR)
+        clips.append(Clip(tmp_path / f'{name}.wav', name, ('x',), 'test'))
+    emb = clap_mod.audio_embeddings(loaded, clips, name='t', unit_sec=2.0, batch_size=2, use_cache=False,
+                                    progress=False)
+    assert emb.keys == ['long', 'short', 'exact'] and emb.x.shape == (3, 1, 16)
+    rt = loaded.runtime
+    for i, c in enumerate(clips):  # EVAR's BaseRawAudioDataset: crop from the start, or zero-pad on the right
+        w = sf.read(c.path, dtype='float32')[0]
+        unit = np.zeros(2 * SR, dtype=np.float32)
+        unit[:min(len(w), 2 * SR)] = w[:2 * SR]
+        with torch.inference_mode():
+            expect = rt.encode_clap_audio(torch.from_numpy(unit)[None])[0].numpy()
+        np.testing.assert_allclose(emb.x[i, 0], expect, rtol=1e-4, atol=1e-5)
+    whole = clap_mod.audio_embeddings(loaded, clips[:1], name='t', unit_sec=None, use_cache=False, progress=False)
+    with torch.inference_mode():
+        expect = rt.encode_clap_audio(torch.from_numpy(sf.read(clips[0].path, dtype='float32')[0])[None])[0].numpy()
+    np.testing.assert_allclose(whole.x[0, 0], expect, rtol=1e-4, atol=1e-5)
+
+
+def test_load_clap_refuses_a_file_without_audio_proj(tmp_path):
+    with pytest.raises(clap_mod.ClapError, match='audio_proj'):
+        clap_mod.load_clap(_clap_standin(tmp_path, with_proj=False))

@@ -16,7 +16,7 @@ import torch
 
 from m2d.cli import main
 from m2d.evaluate import captions as cap
-from m2d.evaluate import clap as clap_mod
+from m2d.evaluate import clap_embed as clap_mod
 from m2d.evaluate import retrieval, zeroshot
 from m2d.evaluate.tasks import Clip, Task
 
@@ -440,5 +440,5 @@ def test_clap_audio_embeddings_crop_pad_like_evar(tmp_path, monkeypatch):
 
 
 def test_load_clap_refuses_a_file_without_audio_proj(tmp_path):
-    with pytest.raises(clap_mod.ClapError, match='audio_proj'):
+    with pytest.raises(clap_mod.ClapEvalError, match='audio_proj'):
         clap_mod.load_clap(_clap_standin(tmp_path, with_proj=False))

@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import M2DError
-from .clap import audio_embeddings, check_failed, cosine_similarity, load_clap, text_embeddings
+from .clap_embed import audio_embeddings, check_failed, cosine_similarity, load_clap, text_embeddings
 from .tasks import SPLIT_ALIASES, Clip
 
 log = logging.getLogger(__name__)

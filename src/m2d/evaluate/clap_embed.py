@@ -28,7 +28,7 @@ from .tasks import Clip, load_clip
 log = logging.getLogger(__name__)
 
 
-class ClapError(M2DError):
+class ClapEvalError(M2DError):
     """A weight file or input that zero-shot evaluation cannot use; the message names it."""
 
 
@@ -55,10 +55,10 @@ def load_clap(weights: str | Path, *, bf16: bool = False, trust: bool = False,
         kwargs['text_encoder'] = text_encoder
     runtime = load(path, **kwargs)
     if getattr(runtime, 'audio_proj', None) is None:
-        raise ClapError(f'{path}: no audio_proj; zero-shot evaluation needs an M2D-CLAP weight file '
+        raise ClapEvalError(f'{path}: no audio_proj; zero-shot evaluation needs an M2D-CLAP weight file '
                         '(e.g. m2d_clap_vit_base-80x608p16x16-240128)')
     if not hasattr(runtime, 'encode_text'):
-        raise ClapError(f'{path}: this m2d has no CLAP text encoder (RuntimeM2D.encode_text)')
+        raise ClapEvalError(f'{path}: this m2d has no CLAP text encoder (RuntimeM2D.encode_text)')
     return LoadedCLAP(path, runtime, file_sha256(path), weights_name(path))
 
 
@@ -111,7 +111,7 @@ def audio_embeddings(loaded: LoadedCLAP, clips: Sequence[Clip], *, name: str, un
     keys = [c.key for c in clips if c.key in results]
     if not keys:
         first = failed[0] if failed else ('?', 'no result')
-        raise ClapError(f'{name}: no clip could be encoded ({len(failed)} failed; first: {first[0]}: {first[1]})')
+        raise ClapEvalError(f'{name}: no clip could be encoded ({len(failed)} failed; first: {first[0]}: {first[1]})')
     if len(keys) < len(clips) and not failed:
         failed = [(str(c.path), 'no result') for c in clips if c.key not in results]
     emb = Embeddings(name='clap-audio', keys=keys, x=np.stack([results[k] for k in keys]).astype(np.float32),
@@ -126,7 +126,7 @@ def audio_embeddings(loaded: LoadedCLAP, clips: Sequence[Clip], *, name: str, un
 def text_embeddings(runtime: Any, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """CLAP text embeddings ``[N, D]`` (float32) of `texts`, `batch_size` texts per call."""
     if not texts:
-        raise ClapError('no text to encode')
+        raise ClapEvalError('no text to encode')
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
@@ -149,7 +149,7 @@ def check_failed(name: str, failed: list[tuple[str, str]], total: int, max_faile
         return
     n = len(failed)
     if n > max_failed * total:
-        raise ClapError(f'{name}: {n} of {total} clips could not be read ({100 * n / total:.1f} %, more than the '
+        raise ClapEvalError(f'{name}: {n} of {total} clips could not be read ({100 * n / total:.1f} %, more than the '
                         f'{100 * max_failed:g} % that may be skipped); first: {failed[0][0]}: {failed[0][1]}')
     log.warning('%s: %d of %d clips could not be read and are left out of the scores; first: %s', name, n, total,
                 failed[0][1])

@@ -41,7 +41,7 @@ from ..errors import M2DError
 from ..fileio import atomic_path
 from . import metrics
 from .captions import EVAR_TEMPLATE, class_to_caption
-from .clap_embed import LoadedCLAP, audio_embeddings, check_failed, cosine_similarity, load_clap, text_embeddings
+from .clap_embed import audio_embeddings, check_failed, cosine_similarity, load_clap, text_embeddings
 from .evar import EVAR_TASKS, PUBLISHED_ZEROSHOT, ZEROSHOT_TABLE_TASKS
 from .tasks import Clip, Task, TaskError, load_task
 

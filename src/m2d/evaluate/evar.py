@@ -40,3 +40,16 @@ PUBLISHED: dict[str, tuple[float, ...]] = {
     'm2d_vit_base-80x608p16x16-221006-mr6': (89.7, 87.6, 95.4, 73.1, 97.9, 71.7, 83.3, 75.3, 41.0),
     'm2d_vit_base-80x608p16x16-220930-mr7': (89.8, 87.1, 94.5, 71.3, 97.7, 71.6, 83.9, 76.9, 41.8),
 }
+
+# Zero-shot classification (`m2d zeroshot --suite evar`): the tasks of the M2D-CLAP paper's Table 5, in
+# its order. The paper's AudioSet column is EVAR's task `as` (AudioSet's eval set as the test split);
+# here that column is as20k, whose test split is the same eval set.
+ZEROSHOT_TABLE_TASKS = ('as20k', 'fsd50k', 'esc50', 'us8k', 'cremad', 'gtzan', 'nsynth')
+
+# Published zero-shot results (percent: mAP for as20k/fsd50k, accuracy otherwise) of M2D-CLAP/0.7, the
+# released m2d_clap_vit_base-80x608p16x16-240128: Table 5 of D. Niizumi et al., "M2D-CLAP: Masked
+# Modeling Duo Meets CLAP for Learning General-purpose Audio-Language Representation", Interspeech 2024
+# (arXiv:2406.02032), shown as clap/image_Table5_CLAP_ZS.png in nttcslab/m2d's clap/README.md.
+PUBLISHED_ZEROSHOT: dict[str, tuple[float, ...]] = {
+    'm2d_clap_vit_base-80x608p16x16-240128': (27.24, 40.82, 75.45, 72.40, 17.73, 75.17, 23.39),
+}

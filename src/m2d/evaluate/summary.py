@@ -54,15 +54,18 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         return lines
 
     metric_note = ', '.join(f'{t}: {m}' for t, m in summary['metrics'].items())
-    out = [f'# {summary.get("title") or "Linear evaluation summary"}', '',
-           f'Test results ({metric_note}); mean over seeds (and over folds for fold tasks).', '']
+    description = summary.get('description') or 'Test results ({metrics}); mean over seeds (and over folds for fold tasks).'
+    out = [f'# {summary.get("title") or "Linear evaluation summary"}', '', description.replace('{metrics}', metric_note),
+           '']
     out += table(summary['rows'], lambda e: '-' if e is None else f'{100 * e["mean"]:.1f}%')
     if summary.get('published'):
         out += table([{'name': f'{p["name"]} (published)', 'results': p['results']} for p in summary['published']],
                      lambda v: '-' if v is None else f'{v:.1f}%', evaluated=False)[2:]
-        out += ['', 'Rows marked (published) are the seed README\'s results for the released weights (EVAR).']
-    out += ['', 'Mean ± std over seeds:', '']
-    out += table(summary['rows'], lambda e: '-' if e is None else pct(e))
+        out += ['', summary.get('published_note')
+                or 'Rows marked (published) are the seed README\'s results for the released weights (EVAR).']
+    if summary.get('spread', True):
+        out += ['', 'Mean ± std over seeds:', '']
+        out += table(summary['rows'], lambda e: '-' if e is None else pct(e))
     if gaps:
         out += ['', '## Gaps', '']
         out += [f'- {name}: {why}' for name, why in gaps.items()]
@@ -74,17 +77,23 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def write_summary(reports: list[dict], out: str | Path, task_order: list[str] | None = None,
                   errors: dict[str, str] | None = None, gaps: dict[str, str] | None = None,
-                  published: list[dict] | None = None, title: str | None = None) -> dict[str, Any]:
+                  published: list[dict] | None = None, title: str | None = None, description: str | None = None,
+                  published_note: str | None = None, spread: bool = True) -> dict[str, Any]:
     """``out/summary.json`` and ``out/summary.md`` from reports (+ `gaps`: tasks not evaluated and why,
-    `published`: rows ``{'name', 'results': {task: percent}}`` printed beside); returns the summary."""
+    `published`: rows ``{'name', 'results': {task: percent}}`` printed beside, with `published_note`
+    below them); `description` replaces the line under the title (``{metrics}``: the tasks' metrics),
+    `spread=False` leaves out the mean ± std table (results without seeds); returns the summary."""
     out = Path(out)
     summary = summarize(reports, task_order)
     summary['errors'] = errors or {}
     summary['gaps'] = gaps or {}
     if published:
         summary['published'] = published
-    if title:
-        summary['title'] = title
+    for key, value in (('title', title), ('description', description), ('published_note', published_note)):
+        if value:
+            summary[key] = value
+    if not spread:
+        summary['spread'] = False
     summary['report_files'] = [str(Path(r['output_dir']) / 'report.json') for r in reports if 'output_dir' in r]
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / 'summary.json') as tmp:

@@ -362,19 +362,22 @@ def _check(task: Task, require_valid: bool = True) -> None:
 def load_task(task: str | None = None, *, csv: str | Path | None = None, data_dir: str | Path | None = None,
               unit_sec: float | None = None, seed: int = 0,
               split_ratio: tuple[float, float, float] = (0.7, 0.1, 0.2), require_valid: bool = True,
-              file_suffix: str | None = None) -> Task:
+              file_suffix: str | None = None, check: bool = True) -> Task:
     """A built-in task by name (`task`), a CSV task (`csv` + `data_dir`), or a folder task (`data_dir`).
 
     `unit_sec` defaults to the longest clip, capped at 10 s. `seed` drives every split that is made
     here (stratified splits, the validation part of the official FSDD split). ``require_valid=False``
     accepts a CSV whose split column has no valid clips (EVAR's as20k, as: fine-tuning validates on
     test then). `file_suffix` replaces the suffix of the CSV's file names (``'.npy'``: EVAR's ``as``
-    task reading log-mel clips from ``--data_path``).
+    task reading log-mel clips from ``--data_path``). `check=False` skips the checks a trained
+    classifier needs (non-empty splits, test labels seen in train), for uses that train nothing
+    (zero-shot classification).
     """
     ratio = tuple(float(x) for x in split_ratio)
     prepared: dict = {}
     if task in EVAR_TASKS:
-        return _evar_task(EVAR_TASKS[task], csv, data_dir, unit_sec, seed, split_ratio, require_valid, file_suffix)
+        return _evar_task(EVAR_TASKS[task], csv, data_dir, unit_sec, seed, split_ratio, require_valid, file_suffix,
+                          check)
     if task is not None:
         if task not in BUILTIN_TASKS:
             raise TaskError(f'--task {task!r}: not a built-in task (built-in: {", ".join(BUILTIN_TASKS)}; EVAR\'s: '
@@ -405,7 +408,8 @@ def load_task(task: str | None = None, *, csv: str | Path | None = None, data_di
         raise TaskError(f'--unit_sec {unit_sec}: must be positive')
     result = Task(name=name, clips=clips, classes=classes, multilabel=multilabel, unit_sec=float(unit_sec),
                   source=source, notes=notes, prepared=prepared)
-    _check(result, require_valid)
+    if check:
+        _check(result, require_valid)
     log.info('%s', result)
     return result
 
@@ -424,7 +428,7 @@ def read_prepared(data_dir: Path) -> dict:
 
 
 def _evar_task(evar, csv: str | Path | None, data_dir: str | Path | None, unit_sec: float | None, seed: int,
-               split_ratio, require_valid: bool = True, file_suffix: str | None = None) -> Task:
+               split_ratio, require_valid: bool = True, file_suffix: str | None = None, check: bool = True) -> Task:
     """EVAR's task `evar` from ``DATA_DIR/<name>.csv`` (or `csv`), with EVAR's unit length by default."""
     if data_dir is None:
         raise TaskError(f'--task {evar.name}: needs --data_dir, the folder holding {evar.name}.csv and the audio '
@@ -437,7 +441,8 @@ def _evar_task(evar, csv: str | Path | None, data_dir: str | Path | None, unit_s
                             f'{evar.name} {data_dir}`, or give EVAR\'s metadata with --csv evar/metadata/'
                             f'{evar.name}.csv)')
     task = load_task(csv=csv, data_dir=data_dir, unit_sec=evar.unit_sec if unit_sec is None else unit_sec,
-                     seed=seed, split_ratio=split_ratio, require_valid=require_valid, file_suffix=file_suffix)
+                     seed=seed, split_ratio=split_ratio, require_valid=require_valid, file_suffix=file_suffix,
+                     check=check)
     task.name = evar.name
     n_folds = len(task.folds) or 1
     task.notes.append(f"EVAR's {evar.name}: unit {evar.unit_sec:g} s, {evar.folds} fold(s), {evar.metric}")

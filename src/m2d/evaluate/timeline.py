@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import M2DError
+from ..streaming import sliding_windows  # noqa: F401  (the window cutter, re-exported for callers of this module)
 
 log = logging.getLogger(__name__)
 
@@ -45,34 +46,6 @@ def check_hop(hop: int, window: int, sample_rate: int) -> None:
     if hop <= 0 or hop > window:
         raise TimelineError(f'--hop {hop / sample_rate:g}: must be positive and at most the window '
                             f'({window / sample_rate:g} s)')
-
-
-def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    """``(start, end, samples[window])`` for windows every `hop` samples over a stream of blocks.
-
-    Windows are yielded as soon as their samples have arrived; `end` is ``min(start + window, n)`` for
-    a recording of n samples, and a window reaching past the end is zero-padded. Holds at most one
-    window plus one block of samples. Yields `num_windows(n, window, hop)` windows.
-    """
-    buf = np.zeros(0, np.float32)
-    buf_start = 0          # sample index of buf[0]
-    start = 0              # next window's start
-    total = 0
-    emitted_end = 0
-    for block in blocks:
-        buf = np.concatenate([buf, np.asarray(block, np.float32)]) if len(buf) else np.asarray(block, np.float32)
-        total += len(block)
-        while start + window <= total:
-            off = start - buf_start
-            yield start, start + window, buf[off:off + window].copy()
-            emitted_end = start + window
-            start += hop
-        keep_from = min(start, total)  # samples before the next window's start are not needed any more
-        if keep_from > buf_start:
-            buf, buf_start = buf[keep_from - buf_start:], keep_from
-    if total and emitted_end < total:  # the tail (or a recording shorter than one window)
-        off = start - buf_start
-        yield start, total, np.pad(buf[off:], (0, window - (total - start)))
 
 
 @dataclass

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+pytest.importorskip('transformers', reason="the M2D-CLAP text side needs transformers (pip install 'm2d[clap]')")
+
 import m2d
 from clap_standin import (clap_parts, cosine, reference_clap_audio, reference_text_vectors,
                           write_clap_standin, write_text_encoder)

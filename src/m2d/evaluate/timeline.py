@@ -1,7 +1,9 @@
 """What is in a recording, and when: class probabilities over sliding windows, and merged events.
 
 A recording of any length is read as a stream of blocks (`m2d.audio.stream_audio`), cut into
-windows of the model's input length every `hop` samples, and the windows are scored in batches, so
+windows of the model's input length every `hop` samples (`m2d.streaming.sliding_windows`, the cutter
+`encode` uses over log-mel frames), and the windows are scored in batches, each as that clip alone
+(a fine-tuned head, or M2D-CLAP zero-shot over given labels), so
 memory stays bounded by one block, one batch of windows and the probability track (C floats per
 window: about 2 KB per window for AudioSet). The last window may run past the end; it is zero-padded
 and reported as ending with the recording.
@@ -57,15 +59,21 @@ class Timeline:
     probs: np.ndarray         # [N, C] float32
     classes: list[str]        # C names (or '#i')
     duration: float           # seconds
+    similarity: np.ndarray | None = None  # [N, C] zero-shot cosines (M2D-CLAP), else None
 
     def top(self, k: int) -> list[dict[str, Any]]:
-        """Rows ``{'start', 'end', 'label', 'p'}``: the top-`k` labels of each window, most probable first."""
+        """Rows ``{'start', 'end', 'label', 'p'}`` (zero-shot: and ``'similarity'``): the top-`k` labels of
+        each window, most probable (most similar) first."""
         k = max(1, min(k, self.probs.shape[1]))
+        rank = self.similarity if self.similarity is not None else self.probs
         rows = []
-        for s, e, p in zip(self.starts, self.ends, self.probs):
-            for i in np.argsort(-p, kind='stable')[:k]:
-                rows.append({'start': round(float(s), 3), 'end': round(float(e), 3), 'label': self.classes[i],
-                             'p': round(float(p[i]), 4)})
+        for n, (s, e, p) in enumerate(zip(self.starts, self.ends, self.probs)):
+            for i in np.argsort(-rank[n], kind='stable')[:k]:
+                row = {'start': round(float(s), 3), 'end': round(float(e), 3), 'label': self.classes[i]}
+                if self.similarity is not None:
+                    row['similarity'] = round(float(self.similarity[n, i]), 4)
+                row['p'] = round(float(p[i]), 4)
+                rows.append(row)
         return rows
 
 
@@ -95,16 +103,18 @@ def events(track: Timeline, threshold: float = 0.5) -> list[Event]:
 
 
 def _score(clf, blocks: Iterable[np.ndarray], hop: int, batch_size: int, progress_total: int | None,
-           desc: str, device: torch.device) -> tuple[list[int], list[int], list[np.ndarray], int]:
+           desc: str, device: torch.device) -> tuple[list[int], list[int], dict[str, list[np.ndarray]], int]:
     from tqdm.auto import tqdm
 
     window = clf.window_samples
-    starts, ends, probs, batch = [], [], [], []
+    starts, ends, batch = [], [], []
+    scores: dict[str, list[np.ndarray]] = {}  # 'p' (and 'similarity'): per batch [b, C]
     n_samples = 0
 
     def flush():
         x = torch.from_numpy(np.stack([w for _, _, w in batch])).to(device)
-        probs.append(clf.probabilities(x).cpu().numpy().astype(np.float32))
+        for key, value in clf.scores(x).items():
+            scores.setdefault(key, []).append(value.cpu().numpy().astype(np.float32))
         starts.extend(s for s, _, _ in batch)
         ends.extend(e for _, e, _ in batch)
         batch.clear()
@@ -125,7 +135,7 @@ def _score(clf, blocks: Iterable[np.ndarray], hop: int, batch_size: int, progres
         if batch:
             bar.update(len(batch))
             flush()
-    return starts, ends, probs, n_samples
+    return starts, ends, scores, n_samples
 
 
 def _timeline(clf, blocks, hop_sec, batch_size, total_samples, desc, device) -> Timeline:
@@ -141,18 +151,23 @@ def _timeline(clf, blocks, hop_sec, batch_size, total_samples, desc, device) -> 
     device = torch.device(device)
     clf.runtime.to(device).eval()
     expected = num_windows(total_samples, window, hop) if total_samples else None
-    starts, ends, probs, n = _score(clf, blocks, hop, batch_size, expected, desc, device)
+    starts, ends, scores, n = _score(clf, blocks, hop, batch_size, expected, desc, device)
     C = clf.num_classes
-    return Timeline(np.asarray(starts, np.float64) / sr, np.asarray(ends, np.float64) / sr,
-                    np.concatenate(probs) if probs else np.zeros((0, C), np.float32),
-                    [clf.label(i) for i in range(C)], n / sr)
+
+    def track(key):
+        return np.concatenate(scores[key]) if key in scores else np.zeros((0, C), np.float32)
+
+    zero_shot = 'similarity' in scores or hasattr(clf, 'text_embeddings')
+    return Timeline(np.asarray(starts, np.float64) / sr, np.asarray(ends, np.float64) / sr, track('p'),
+                    [clf.label(i) for i in range(C)], n / sr, track('similarity') if zero_shot else None)
 
 
 def timeline(clf, wav: np.ndarray | torch.Tensor, hop_sec: float | None = None, batch_size: int = DEFAULT_BATCH,
              device: str | torch.device = 'cpu') -> Timeline:
     """Class probabilities over a waveform ``[samples]`` at the model's rate, in windows of the model's
-    input length every `hop_sec` seconds (default half a window). `clf`: an `m2d.evaluate.predict.Classifier`
-    or a fine-tuned runtime (``m2d.load`` of a file with a head)."""
+    input length every `hop_sec` seconds (default half a window). `clf`: an `m2d.evaluate.predict.Classifier`,
+    a fine-tuned runtime (``m2d.load`` of a file with a head), or a `ZeroShotClassifier` (M2D-CLAP with
+    labels: each window's cosines are kept in `Timeline.similarity`)."""
     wav = np.asarray(wav.detach().cpu() if isinstance(wav, torch.Tensor) else wav, np.float32).reshape(-1)
     return _timeline(clf, [wav], hop_sec, batch_size, len(wav), 'timeline', device)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import M2DError
-from ..streaming import sliding_windows  # noqa: F401  (the window cutter, re-exported for callers of this module)
+from ..streaming import sliding_windows
 
 log = logging.getLogger(__name__)
 

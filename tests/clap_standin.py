@@ -15,7 +15,7 @@ Nothing here touches the network. Import from a test (``from clap_standin import
   optionally, ``text_proj`` as one Linear or as Linear-ReLU-Linear, and the text encoder's weights
   under ``text_encoder.`` for ``TI`` files), in a folder named like a release.
 - `reference_clap_audio(path, wav)`: the reference's CLAP audio embedding of that file, written
-  independently of `m2d.RuntimeM2D` except for the log-mel front-end.
+  independently of `m2d.RuntimeM2D`'s CLAP code (its front-end and ViT give the patch tokens).
 """
 
 from __future__ import annotations
@@ -110,8 +110,16 @@ def _sub(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
 def write_clap_standin(folder: str | Path, name: str = 'm2d_clap_vit_tiny-80x208p16x16-240128',
                        text_proj: str | None = None, text_dim: int = TEXT_HIDDEN, embed_dim: int = 64,
                        depth: int = 2, text_encoder: str | Path | None = None, text_encoder_kind: str = 'gte',
-                       logit_scale: float = math.log(1 / 0.07), seed: int = 0) -> Path:
+                       logit_scale: float | None = math.log(1 / 0.07), audio_proj: str = 'mlp',
+                       sem_depth: int = 1, sem_mlp_ratio: int = 1, layout: str = 'release', seed: int = 0) -> Path:
     """An M2D-CLAP weight file in the released layout; returns ``folder/name/checkpoint-300.pth``.
+
+    `audio_proj`: ``'mlp'`` (``audio_proj.0/.2``, the 2024 release) or ``'semantic'`` (the 2025
+    release's AudioToSemantic: ``audio_proj.sem_token``, ``sem_blocks.N.*`` timm blocks with one head,
+    ``norm``). `layout`: ``'release'`` (``{'model': sd}`` with bare encoder keys, as the 2024 file) or
+    ``'runtime'`` (a reference RuntimeM2D state dict, as the 2025 file: ``backbone.*`` keys, the text
+    encoder beside them, mel-filter buffers ``to_spec.*``). `logit_scale` None: no ``logit_scale``
+    (the 2025 file has none).
 
     `text_proj`: None (no ``text_proj`` keys: the text encoder's width must equal `embed_dim`, as in
     the 2024 release), ``'linear'`` (``text_proj.weight``: `text_dim` -> `embed_dim`) or ``'mlp'``
@@ -141,8 +149,24 @@ def write_clap_standin(folder: str | Path, name: str = 'm2d_clap_vit_tiny-80x208
         sd[f'{prefix}.weight'] = torch.randn(n_out, n_in, generator=g) / math.sqrt(n_in)
         sd[f'{prefix}.bias'] = 0.1 * torch.randn(n_out, generator=g)
 
-    lin('audio_proj.0', D, D)
-    lin('audio_proj.2', D, D)
+    if audio_proj == 'mlp':
+        lin('audio_proj.0', D, D)
+        lin('audio_proj.2', D, D)
+    elif audio_proj == 'semantic':
+        sd['audio_proj.sem_token'] = 0.5 * torch.randn(1, 1, D, generator=g)
+        for i in range(sem_depth):
+            b = f'audio_proj.sem_blocks.{i}'
+            for norm in ('norm1', 'norm2'):
+                sd[f'{b}.{norm}.weight'] = 1 + 0.1 * torch.randn(D, generator=g)
+                sd[f'{b}.{norm}.bias'] = 0.1 * torch.randn(D, generator=g)
+            lin(f'{b}.attn.qkv', D, 3 * D)
+            lin(f'{b}.attn.proj', D, D)
+            lin(f'{b}.mlp.fc1', D, sem_mlp_ratio * D)
+            lin(f'{b}.mlp.fc2', sem_mlp_ratio * D, D)
+        sd['audio_proj.norm.weight'] = 1 + 0.1 * torch.randn(D, generator=g)
+        sd['audio_proj.norm.bias'] = 0.1 * torch.randn(D, generator=g)
+    else:
+        raise ValueError(f"audio_proj must be 'mlp' or 'semantic', got {audio_proj!r}")
     if text_proj == 'linear':
         lin('text_proj', text_dim, D)
     elif text_proj == 'mlp':
@@ -150,8 +174,15 @@ def write_clap_standin(folder: str | Path, name: str = 'm2d_clap_vit_tiny-80x208
         lin('text_proj.2', text_dim, D)
     elif text_proj is not None:
         raise ValueError(f"text_proj must be None, 'linear' or 'mlp', got {text_proj!r}")
-    sd['logit_scale'] = torch.tensor(float(logit_scale))
-    sd['mask_token'] = torch.zeros(1, 1, 32)  # a training-only tensor, dropped on load as in the releases
+    if logit_scale is not None:
+        sd['logit_scale'] = torch.tensor(float(logit_scale))
+    if layout == 'runtime':
+        sd = {'backbone.' + k: v for k, v in sd.items()}
+        sd['to_spec.mel_basis'] = torch.zeros(80, 201)  # the reference runtime's front-end buffers
+    elif layout == 'release':
+        sd['mask_token'] = torch.zeros(1, 1, 32)  # a training-only tensor, dropped on load as in the releases
+    else:
+        raise ValueError(f"layout must be 'release' or 'runtime', got {layout!r}")
     if text_encoder is not None:
         from safetensors.torch import load_file
 
@@ -165,16 +196,39 @@ def write_clap_standin(folder: str | Path, name: str = 'm2d_clap_vit_tiny-80x208
 
 
 def clap_parts(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """``audio_proj`` and ``text_proj`` state dicts (empty when absent) and ``logit_scale`` of a stand-in."""
+    """``audio_proj`` and ``text_proj`` state dicts (empty when absent) and ``logit_scale`` (None when
+    absent) of a stand-in, in either layout."""
     sd = torch.load(path, map_location='cpu', weights_only=False)['model']
+    if 'backbone.patch_embed.proj.weight' in sd:
+        sd = _sub(sd, 'backbone.')
     return {'audio_proj': _sub(sd, 'audio_proj.'), 'text_proj': _sub(sd, 'text_proj.'),
-            'logit_scale': sd['logit_scale']}
+            'logit_scale': sd.get('logit_scale')}
+
+
+def semantic_projection(tokens: torch.Tensor, sd: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference's AudioToSemantic written out: [sem_token; tokens] through pre-norm blocks with one
+    attention head (LayerNorm eps 1e-5, exact GELU), then the LayerNorm of the sem_token's output."""
+    B, _, D = tokens.shape
+    x = torch.cat([sd['sem_token'].expand(B, -1, -1), tokens], dim=1)
+    i = 0
+    while f'sem_blocks.{i}.norm1.weight' in sd:
+        p = {k[len(f'sem_blocks.{i}.'):]: v for k, v in sd.items() if k.startswith(f'sem_blocks.{i}.')}
+        h = F.layer_norm(x, (D,), p['norm1.weight'], p['norm1.bias'], 1e-5)
+        q, k, v = F.linear(h, p['attn.qkv.weight'], p['attn.qkv.bias']).chunk(3, dim=-1)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), dim=-1)
+        x = x + F.linear(attn @ v, p['attn.proj.weight'], p['attn.proj.bias'])
+        h = F.layer_norm(x, (D,), p['norm2.weight'], p['norm2.bias'], 1e-5)
+        x = x + F.linear(F.gelu(F.linear(h, p['mlp.fc1.weight'], p['mlp.fc1.bias'])), p['mlp.fc2.weight'],
+                         p['mlp.fc2.bias'])
+        i += 1
+    return F.layer_norm(x[:, 0], (D,), sd['norm.weight'], sd['norm.bias'], 1e-5)
 
 
 @torch.no_grad()
 def reference_clap_audio(path: str | Path, wav: torch.Tensor) -> torch.Tensor:
     """The reference's ``encode_clap_audio`` with flat features on a clip within one model window:
-    log-mel (m2d's front-end) -> normalize -> ViT tokens without [CLS] -> mean -> audio_proj."""
+    log-mel (m2d's front-end) -> normalize -> ViT tokens without [CLS] -> mean -> audio_proj (or, for
+    a semantic projector, all tokens -> `semantic_projection`)."""
     from m2d.runtime import RuntimeM2D
 
     rt = RuntimeM2D(path, flat_features=True)
@@ -183,8 +237,11 @@ def reference_clap_audio(path: str | Path, wav: torch.Tensor) -> torch.Tensor:
     lms = F.pad(lms, (0, (pw - lms.shape[-1] % pw) % pw))
     if lms.shape[-1] > rt.cfg.input_size[1]:
         raise ValueError('reference_clap_audio covers clips within one model window')
-    tokens = rt.backbone(lms)[:, 1:]
-    return apply_proj(tokens.float().mean(1), clap_parts(path)['audio_proj'])
+    tokens = rt.backbone(lms)[:, 1:].float()
+    proj = clap_parts(path)['audio_proj']
+    if 'sem_token' in proj:
+        return semantic_projection(tokens, proj)
+    return apply_proj(tokens.mean(1), proj)
 
 
 def cosine(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

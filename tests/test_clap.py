@@ -109,6 +109,29 @@ def test_text_encoder_inside_the_file(tmp_path, encoders):
         m2d.load(bare, text_encoder=encoders[('gte', 32)]).encode_text(['dog'])
 
 
+@pytest.mark.parametrize('sem', [(1, 1), (2, 2)])
+def test_2025_layout_with_semantic_audio_projector(tmp_path, sem):
+    """As m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025: a reference RuntimeM2D state dict (backbone.*),
+    the AudioToSemantic audio projector, BERT inside the file, no text_proj and no logit_scale."""
+    trained = write_text_encoder(tmp_path / 'trained', 'bert', hidden=64, seed=21)
+    path = write_clap_standin(tmp_path, name='m2d_clap_vit_tiny-80x208p16x16p16kpBpTI-2025', layout='runtime',
+                              audio_proj='semantic', sem_depth=sem[0], sem_mlp_ratio=sem[1], logit_scale=None,
+                              text_encoder=trained, text_encoder_kind='bert')
+    ckpt = load_checkpoint(path)
+    assert ckpt.dropped == ['to_spec.mel_basis'] and ckpt.norm_stats == (-8.0, 4.0) and ckpt.name_extra == ('B', 'TI')
+    rt = m2d.load(path, text_encoder=trained)
+    assert len(rt.audio_proj.sem_blocks) == sem[0] and rt.text_proj is None
+    wav = 0.1 * torch.randn(2, 24000, generator=torch.Generator().manual_seed(4))
+    a = rt.encode_audio(wav)
+    want = reference_clap_audio(path, wav)
+    assert a.shape == (2, 64) and torch.allclose(a, want, atol=1e-5), (a - want).abs().max()
+    t = rt.encode_text(TEXTS)
+    assert torch.allclose(t, reference_text_vectors(trained, TEXTS, 'bert'), atol=1e-5)
+    assert rt.clap_scale == pytest.approx(1 / 0.07)   # no logit_scale: the reference's initial value
+    assert torch.allclose(rt.zero_shot_probabilities(rt.similarity(a, t)),
+                          torch.softmax(cosine(want, t) / 0.07, -1), atol=1e-5)
+
+
 @pytest.mark.parametrize('text_proj', [None, 'linear'])
 def test_zero_shot_similarity_and_probabilities(tmp_path, encoders, text_proj):
     folder = encoders[('gte', 32 if text_proj else 64)]

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DEFAULT_NORM_STATS = (-7.1, 4.2)  # the 2022 releases carry no norm_stats
 EVAR_BACKBONE_PREFIX = 'module.ar.runtime.backbone.'
 EVAR_HEAD_PREFIX = 'module.head.'
+RUNTIME_BACKBONE_PREFIX = 'backbone.'  # a reference RuntimeM2D's state dict (the M2D-CLAP 2025 release)
 ENCODER_PREFIXES = ('patch_embed.', 'cls_token', 'pos_embed', 'blocks.', 'norm.')
 CLAP_PREFIXES = ('audio_proj.', 'text_proj.', 'logit_scale')
 TEXT_ENCODER_PREFIX = 'text_encoder.'  # M2D-CLAP files named ...pTI carry their text encoder
@@ -183,10 +184,14 @@ def read_state_dict(path: str | Path, trust: bool = False) -> tuple[dict[str, to
 
 
 def normalize_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip wrapper prefixes (EVAR's ``module.ar.runtime.backbone.``, DDP's ``module.``); EVAR heads become ``head.*``."""
+    """Strip wrapper prefixes (EVAR's ``module.ar.runtime.backbone.``, DDP's ``module.``, a reference
+    RuntimeM2D's ``backbone.``); EVAR heads become ``head.*``."""
+    runtime_format = f'{RUNTIME_BACKBONE_PREFIX}patch_embed.proj.weight' in sd
     out = {}
     for k, v in sd.items():
-        if k.startswith(EVAR_BACKBONE_PREFIX):
+        if runtime_format and k.startswith(RUNTIME_BACKBONE_PREFIX):
+            k = k[len(RUNTIME_BACKBONE_PREFIX):]
+        elif k.startswith(EVAR_BACKBONE_PREFIX):
             k = k[len(EVAR_BACKBONE_PREFIX):]
         elif k.startswith(EVAR_HEAD_PREFIX):
             k = 'head.' + k[len(EVAR_HEAD_PREFIX):]

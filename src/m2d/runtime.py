@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from .audio import LogMelSpectrogram, preset
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint
+from .clap_proj import AudioToSemantic, semantic_audio_proj
 from .errors import M2DError
 from .labels import head_labels
 from .streaming import STREAM_WINDOWS, encode_stream, feature_frames, waveform_blocks
@@ -123,10 +124,8 @@ class RuntimeM2D(nn.Module):
             else:
                 log.info('%s has no EVAR head; the %d-class head is randomly initialized', ckpt.path.name, num_classes)
 
-        if 'audio_proj.sem_token' in ckpt.clap:
-            raise CheckpointError(f'{ckpt.path}: its audio_proj is a semantic-token transformer (an M2D-CLAP 2025 '
-                                  'ablation), which m2d does not load; only the MLP/linear projectors are supported')
-        self.audio_proj = _linear_stack(ckpt.clap, 'audio_proj')
+        # audio_proj: an MLP/Linear on the patch mean, or (2025) a semantic-token transformer on all patches
+        self.audio_proj = semantic_audio_proj(ckpt.clap) or _linear_stack(ckpt.clap, 'audio_proj')
         self.text_proj = _linear_stack(ckpt.clap, 'text_proj')
         if self.audio_proj is None and self.text_proj is not None:
             self.audio_proj = nn.Identity()  # the reference's make_it_CLAP does so for files with text_proj only
@@ -309,12 +308,14 @@ class RuntimeM2D(nn.Module):
             raise ValueError(f'{self.weight_file} has no audio_proj; it is not an M2D-CLAP weight file')
 
     def encode_clap_audio(self, batch_audio: torch.Tensor) -> torch.Tensor:
-        """M2D-CLAP audio embedding: ``audio_proj`` of the mean over all patch features."""
+        """M2D-CLAP audio embedding: ``audio_proj`` of the mean over all patch features (2025 files: the
+        semantic projector reads all patch features, whose order does not matter to it)."""
         self._require_clap()
         x = self.encode(batch_audio)
-        D = self.cfg.embed_dim
-        patch_mean = x.reshape(x.shape[0], -1, D).mean(1)
-        return self.audio_proj(patch_mean)
+        patches = x.reshape(x.shape[0], -1, self.cfg.embed_dim)
+        if isinstance(self.audio_proj, AudioToSemantic):
+            return self.audio_proj(patches)
+        return self.audio_proj(patches.mean(1))
 
     def encode_audio(self, batch_audio: torch.Tensor) -> torch.Tensor:
         """CLAP audio embeddings ``[B, D]`` of waveforms ``[B, samples]`` (= `encode_clap_audio`)."""

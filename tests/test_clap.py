@@ -77,7 +77,7 @@ def test_type_comes_from_the_name(tmp_path, encoders):
         parse_clap_type(('Z',), 'x.pth')
     with pytest.raises(ClapError, match='only TI'):
         text_encoder_included(('A', 'XX'), 'x.pth')
-    # a 'B' file uses [CLS] on whatever folder it is given; the override letter 'A' switches to the mean
+    # a 'B' file uses [CLS] on whatever folder it is given
     folder = encoders[('gte', 32)]
     path = _standin(tmp_path, 'bert', 'linear')
     proj = clap_parts(path)['text_proj']
@@ -87,6 +87,25 @@ def test_type_comes_from_the_name(tmp_path, encoders):
     plain = write_clap_standin(tmp_path, text_proj='linear')
     with pytest.raises(ClapError, match='thenlper/gte-base: cannot load the tokenizer'):
         m2d.load(plain).encode_text(['dog'])
+
+
+@pytest.mark.parametrize('letter, hub, kind', [('', 'thenlper/gte-base', 'gte'),
+                                               ('pB', 'google-bert/bert-base-uncased', 'bert')])
+def test_default_text_encoder_from_the_hugging_face_cache(tmp_path, letter, hub, kind):
+    """No --text_encoder: the reference's hub model, found offline in the Hugging Face cache layout
+    (models--ORG--NAME/snapshots/REV, refs/main), as transformers reads it."""
+    repo = tmp_path / 'hf-cache' / ('models--' + hub.replace('/', '--'))
+    snapshot = write_text_encoder(repo / 'snapshots' / ('0' * 40), kind, hidden=64, seed=7)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text('0' * 40)
+    path = write_clap_standin(tmp_path, name=f'm2d_clap_vit_tiny-80x208p16x16p16k{letter}-240128')
+    rt = m2d.load(path)
+    assert torch.allclose(rt.encode_text(TEXTS), reference_text_vectors(snapshot, TEXTS, kind), atol=1e-5)
+    assert rt.text_encoder.name == hub
+    # a type letter as the override picks that type's model and pooling
+    other = 'B' if kind == 'gte' else 'A'
+    with pytest.raises(ClapError, match=r'(google-bert/bert-base-uncased|thenlper/gte-base): cannot load'):
+        m2d.load(path, text_encoder=other).encode_text(TEXTS)   # not in this cache
 
 
 def test_text_encoder_inside_the_file(tmp_path, encoders):

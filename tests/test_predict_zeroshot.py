@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import tracemalloc
@@ -65,7 +66,8 @@ def _expected(path, folder, wav, captions):
 def test_clip_mode_lists_every_label_by_similarity(tmp_path, clap, capsys):
     path, folder = clap
     wav_path = _noise_file(tmp_path / 'clip.wav', 1.5)
-    argv = ['predict', str(wav_path), '--weights', str(path), '--labels', ','.join(LABELS), '--text_encoder', str(folder)]
+    argv = ['predict', str(wav_path), '--weights', str(path), '--labels', ','.join(LABELS),
+            '--text_encoder', str(folder)]
     assert main(argv + ['--json']) == 0
     top = json.loads(capsys.readouterr().out)[0]['top']
     wav = torch.from_numpy(load_audio(wav_path, SR))[None]
@@ -106,7 +108,7 @@ def test_timeline_rows_are_each_window_alone(tmp_path, clap, capsys):
     out = tmp_path / 'out'
     assert main(['predict', str(wav_path), '--weights', str(path), '--labels', ','.join(LABELS), '--text_encoder',
                  str(folder), '--timeline', '--hop', '1.0', '--top', '3', '--threshold', '0.3', '--out', str(out),
-                 '--json']) == 0
+                 '--json'] + (['--plot'] if importlib.util.find_spec('matplotlib') else [])) == 0
     result = json.loads(capsys.readouterr().out)[0]
     window = 207 * 160
     n = num_windows(5 * SR, window, SR)
@@ -116,7 +118,8 @@ def test_timeline_rows_are_each_window_alone(tmp_path, clap, capsys):
     wav = load_audio(wav_path, SR)
     last = np.pad(wav[(n - 1) * SR:], (0, window - (len(wav) - (n - 1) * SR)))
     x = torch.from_numpy(np.stack([wav[:window], last]))
-    sim, p = _expected(path, folder, x, [f'{c} can be heard' for c in ['dog barking', 'rain', 'siren', 'car horn', 'music']])
+    captions = [f'{c} can be heard' for c in ['dog barking', 'rain', 'siren', 'car horn', 'music']]
+    sim, p = _expected(path, folder, x, captions)
     for k, w in ((0, 0), (1, n - 1)):
         got = rows[3 * w:3 * w + 3]
         order = sim[k].argsort(descending=True)[:3].tolist()
@@ -124,6 +127,8 @@ def test_timeline_rows_are_each_window_alone(tmp_path, clap, capsys):
         assert [float(r['similarity']) for r in got] == pytest.approx(sim[k, order].tolist(), abs=1e-4)
         assert [float(r['p']) for r in got] == pytest.approx(p[k, order].tolist(), abs=1e-4)
     assert float(rows[-1]['end']) == 5.0
+    if importlib.util.find_spec('matplotlib'):
+        assert (out / 'rec.timeline.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     events = list(csv.DictReader(open(out / 'rec.events.csv')))
     assert [e['label'] for e in events] == [e['label'] for e in result['events']]
 

@@ -214,9 +214,9 @@ def _run_timeline(args: argparse.Namespace, clf, files: list, device) -> int:
             from ..audio import LogMelSpectrogram, preset, stream_audio
             lms = logmel_overview(stream_audio(f, sr, block_samples=60 * sr), LogMelSpectrogram(preset(sr)),
                                   int(round(track.duration * sr)))
+            what = 'labels (zero-shot)' if track.similarity is not None else 'classes'
             written.append(plot_timeline(track, lms, out / f'{stem}.timeline.png', top=args.top,
-                                         title=f'{Path(f).name}: top {args.top} '
-                                               f'{"labels (zero-shot)" if track.similarity is not None else "classes"}'))
+                                         title=f'{Path(f).name}: top {args.top} {what}'))
         results.append({'file': str(f), 'duration': round(track.duration, 3), 'num_windows': len(track.starts),
                         'window_sec': window / sr,
                         'hop_sec': hop, 'threshold': args.threshold, 'windows': windows,

@@ -232,5 +232,9 @@ def encode_texts(encoder: nn.Module, texts: Sequence[str], truncate: bool = Fals
     bad = [t for t in texts if not isinstance(t, str)]
     if bad:
         raise ClapError(f'texts must be strings, got {type(bad[0]).__name__}')
-    parts = [encoder(texts[i:i + batch_size], truncate=truncate).float() for i in range(0, len(texts), batch_size)]
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(texts), max(1, int(batch_size)))
+    parts = [encoder(texts[i:i + batch_size], truncate=truncate).float()
+             for i in tqdm(starts, desc='texts', unit='batch', disable=len(starts) < 4, leave=False)]
     return torch.cat(parts)

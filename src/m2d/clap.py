@@ -234,7 +234,8 @@ def encode_texts(encoder: nn.Module, texts: Sequence[str], truncate: bool = Fals
         raise ClapError(f'texts must be strings, got {type(bad[0]).__name__}')
     from tqdm.auto import tqdm
 
-    starts = range(0, len(texts), max(1, int(batch_size)))
-    parts = [encoder(texts[i:i + batch_size], truncate=truncate).float()
+    bs = max(1, int(batch_size))
+    starts = range(0, len(texts), bs)
+    parts = [encoder(texts[i:i + bs], truncate=truncate).float()
              for i in tqdm(starts, desc='texts', unit='batch', disable=len(starts) < 4, leave=False)]
     return torch.cat(parts)

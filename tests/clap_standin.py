@@ -15,7 +15,9 @@ Nothing here touches the network. Import from a test (``from clap_standin import
   optionally, ``text_proj`` as one Linear or as Linear-ReLU-Linear, and the text encoder's weights
   under ``text_encoder.`` for ``TI`` files), in a folder named like a release.
 - `reference_clap_audio(path, wav)`: the reference's CLAP audio embedding of that file, written
-  independently of `m2d.RuntimeM2D`'s CLAP code (its front-end and ViT give the patch tokens).
+  independently of `m2d.RuntimeM2D`'s CLAP code (its front-end and ViT give the patch tokens);
+  `semantic_projection` writes out the 2025 release's AudioToSemantic projector.
+- `clap_parts(path)`, `apply_proj`, `cosine`: the file's projections and the notebook's cosine.
 """
 
 from __future__ import annotations

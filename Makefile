@@ -71,7 +71,7 @@ $(VENV)/.torch.stamp: FORCE | $(PY)
 	fi
 
 $(VENV)/.m2d-test.stamp: pyproject.toml $(VENV)/.torch.stamp
-	$(PIP) -e '.[test,speech]'
+	$(PIP) -e '.[test,speech,clap]'
 	@touch $@
 
 $(VENV)/.m2d-demo.stamp: pyproject.toml $(VENV)/.torch.stamp

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from m2d.evaluate import metrics
-from m2d.evaluate.probe import (EarlyStopping, ProbeError, Split, _loss, auto_batch_size, carve_validation, fit_linear,
-                                 probe, standardize)
+from m2d.evaluate.probe import (EarlyStopping, ProbeError, Split, _loss, auto_batch_size, carve_linear_eval_valid,
+                                fit_linear, probe, standardize)
 
 
 def test_accuracy_and_confusion_by_hand():
@@ -93,19 +93,19 @@ def test_evar_loss_is_cross_entropy_over_n_times_c():
 def test_evar_validation_carve_has_every_class():
     y = np.array([0] * 40 + [1] * 40 + [2] * 3)  # 83 clips: ceil(8.3) = 9 valid, class 2 is rare
     for seed in range(20):
-        tr, va = carve_validation(y, 3, seed)
+        tr, va = carve_linear_eval_valid(y, 3, seed)
         assert len(va) == 9 and len(tr) == 74 and set(y[va]) == {0, 1, 2}
         assert sorted(np.r_[tr, va].tolist()) == list(range(83))  # a partition
-    a, b = carve_validation(y, 3, 5), carve_validation(y, 3, 5)
-    assert np.array_equal(a[1], b[1]) and not np.array_equal(a[1], carve_validation(y, 3, 6)[1])  # seeded
+    a, b = carve_linear_eval_valid(y, 3, 5), carve_linear_eval_valid(y, 3, 5)
+    assert np.array_equal(a[1], b[1]) and not np.array_equal(a[1], carve_linear_eval_valid(y, 3, 6)[1])  # seeded
     ym = np.zeros((30, 3), dtype=np.float32)  # multi-label: every column present in the valid part
     ym[:, 0] = 1
     ym[::5, 1] = 1
     ym[7, 2] = ym[8, 2] = 1
-    _, va = carve_validation(ym, 3, 0)
+    _, va = carve_linear_eval_valid(ym, 3, 0)
     assert len(va) == 3 and (ym[va].sum(0) > 0).all()
     with pytest.raises(ProbeError, match='class 2 has 5 clip'):  # 4 classes, 3 valid clips: impossible
-        carve_validation(np.array([0] * 10 + [1] * 10 + [2] * 5 + [3] * 5), 4, 0)
+        carve_linear_eval_valid(np.array([0] * 10 + [1] * 10 + [2] * 5 + [3] * 5), 4, 0)
 
 
 def _blobs(n_per_class: int, n_classes: int, dim: int, sep: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -32,12 +32,15 @@ log = logging.getLogger(__name__)
 DEFAULT_NORM_STATS = (-7.1, 4.2)  # the 2022 releases carry no norm_stats
 EVAR_BACKBONE_PREFIX = 'module.ar.runtime.backbone.'
 EVAR_HEAD_PREFIX = 'module.head.'
+RUNTIME_BACKBONE_PREFIX = 'backbone.'  # a reference RuntimeM2D's state dict (the M2D-CLAP 2025 release)
 ENCODER_PREFIXES = ('patch_embed.', 'cls_token', 'pos_embed', 'blocks.', 'norm.')
 CLAP_PREFIXES = ('audio_proj.', 'text_proj.', 'logit_scale')
+TEXT_ENCODER_PREFIX = 'text_encoder.'  # M2D-CLAP files named ...pTI carry their text encoder
 TRAINING_ONLY_PREFIXES = ('decoder_', 'mask_token', 'target_', 'offline_predictor')
 
 _NAME_RE = re.compile(
-    r'^(?P<model>[A-Za-z0-9_]+)-(?P<f>\d+)x(?P<t>\d+)p(?P<ph>\d+)x(?P<pw>\d+)(?:p(?P<sr>\d+)k)?(?=-|_|$)')
+    r'^(?P<model>[A-Za-z0-9_]+)-(?P<f>\d+)x(?P<t>\d+)p(?P<ph>\d+)x(?P<pw>\d+)(?:p(?P<sr>\d+)k)?'
+    r'(?P<extra>(?:p[A-Za-z][A-Za-z0-9]*)*)(?=-|_|$)')
 
 
 class CheckpointError(M2DError, ValueError):
@@ -50,12 +53,17 @@ class UnsafeCheckpointError(CheckpointError):
 
 @dataclass(frozen=True)
 class ModelName:
-    """What a checkpoint folder name says: ``MODEL-FxTpPHxPW[pSRk]-...``."""
+    """What a checkpoint folder name says: ``MODEL-FxTpPHxPW[pSRk][pX...]-...``.
+
+    `extra`: the letters after the sample rate, e.g. ``('B', 'TI')`` of M2D-CLAP's
+    ``80x1001p16x16p16kpBpTI`` (the text encoder type, and that its weights are in the file).
+    """
 
     model: str
     input_size: tuple[int, int]
     patch_size: tuple[int, int]
     sample_rate: int = 16000
+    extra: tuple[str, ...] = ()
 
     @property
     def width(self) -> str | None:
@@ -68,7 +76,8 @@ class ModelName:
     def format(self) -> str:
         """The geometry part of a folder name, e.g. ``m2d_vit_base-80x608p16x16p16k``."""
         (f, t), (ph, pw) = self.input_size, self.patch_size
-        return f'{self.model}-{f}x{t}p{ph}x{pw}p{self.sample_rate // 1000}k'
+        extra = ''.join(f'p{e}' for e in self.extra)
+        return f'{self.model}-{f}x{t}p{ph}x{pw}p{self.sample_rate // 1000}k{extra}'
 
 
 def parse_model_name(name: str) -> ModelName | None:
@@ -77,7 +86,8 @@ def parse_model_name(name: str) -> ModelName | None:
     if not m:
         return None
     sr = int(m['sr']) * 1000 if m['sr'] else 16000
-    return ModelName(m['model'], (int(m['f']), int(m['t'])), (int(m['ph']), int(m['pw'])), sr)
+    extra = tuple(m['extra'].split('p')[1:]) if m['extra'] else ()
+    return ModelName(m['model'], (int(m['f']), int(m['t'])), (int(m['ph']), int(m['pw'])), sr, extra)
 
 
 def name_from_path(path: str | Path) -> ModelName | None:
@@ -174,10 +184,14 @@ def read_state_dict(path: str | Path, trust: bool = False) -> tuple[dict[str, to
 
 
 def normalize_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip wrapper prefixes (EVAR's ``module.ar.runtime.backbone.``, DDP's ``module.``); EVAR heads become ``head.*``."""
+    """Strip wrapper prefixes (EVAR's ``module.ar.runtime.backbone.``, DDP's ``module.``, a reference
+    RuntimeM2D's ``backbone.``); EVAR heads become ``head.*``."""
+    runtime_format = f'{RUNTIME_BACKBONE_PREFIX}patch_embed.proj.weight' in sd
     out = {}
     for k, v in sd.items():
-        if k.startswith(EVAR_BACKBONE_PREFIX):
+        if runtime_format and k.startswith(RUNTIME_BACKBONE_PREFIX):
+            k = k[len(RUNTIME_BACKBONE_PREFIX):]
+        elif k.startswith(EVAR_BACKBONE_PREFIX):
             k = k[len(EVAR_BACKBONE_PREFIX):]
         elif k.startswith(EVAR_HEAD_PREFIX):
             k = 'head.' + k[len(EVAR_HEAD_PREFIX):]
@@ -250,10 +264,12 @@ class Checkpoint:
     encoder: dict[str, torch.Tensor]
     head: dict[str, torch.Tensor] = field(default_factory=dict)
     clap: dict[str, torch.Tensor] = field(default_factory=dict)
+    text_encoder: dict[str, torch.Tensor] = field(default_factory=dict)  # ``text_encoder.`` stripped
     dropped: list[str] = field(default_factory=list)
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     model_name: str = ''
+    name_extra: tuple[str, ...] = ()  # e.g. ('B', 'TI'): see ModelName.extra
 
     @property
     def has_norm_stats(self) -> bool:
@@ -280,7 +296,7 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
         norm_stats = DEFAULT_NORM_STATS
         log.info('%s: no norm_stats in the file; using the 2022 defaults mean=%s std=%s', path, *norm_stats)
 
-    encoder, head, clap, dropped = {}, {}, {}, []
+    encoder, head, clap, text_encoder, dropped = {}, {}, {}, {}, []
     for k, v in sd.items():
         if k.startswith(ENCODER_PREFIXES):
             encoder[k] = v
@@ -288,6 +304,8 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
             head[k[len('head.'):]] = v
         elif k.startswith(CLAP_PREFIXES):
             clap[k] = v
+        elif k.startswith(TEXT_ENCODER_PREFIX):
+            text_encoder[k[len(TEXT_ENCODER_PREFIX):]] = v
         elif k != 'norm_stats':
             dropped.append(k)
     if 'pos_embed' not in encoder:
@@ -298,8 +316,8 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
         log.info('%s: using %d encoder tensors; dropped %d not used for encoding (%s)',
                  path.name, len(encoder), len(dropped), ', '.join(groups))
     return Checkpoint(path=path, vit=vit, sample_rate=sample_rate, norm_stats=norm_stats, encoder=encoder,
-                      head=head, clap=clap, dropped=dropped, state_dict=sd, meta=meta,
-                      model_name=(name.model if name else ''))
+                      head=head, clap=clap, text_encoder=text_encoder, dropped=dropped, state_dict=sd, meta=meta,
+                      model_name=(name.model if name else ''), name_extra=(name.extra if name else ()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +344,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
 
 
 def export_encoder(src: str | Path, dst: str | Path, trust: bool = False) -> Path:
-    """Export the encoder (+ norm_stats, head, CLAP projections) of any weight file to safetensors.
+    """Export the encoder (+ norm_stats, head, CLAP projections and text encoder) of any weight file to safetensors.
 
     The model name (geometry and sample rate) is stored in the metadata, so the file loads
     anywhere, whatever it is called.
@@ -336,8 +354,8 @@ def export_encoder(src: str | Path, dst: str | Path, trust: bool = False) -> Pat
     tensors['norm_stats'] = torch.tensor(ckpt.norm_stats, dtype=torch.float32)
     tensors.update({f'head.{k}': v for k, v in ckpt.head.items()})
     tensors.update(ckpt.clap)
-    (f, t), (ph, pw) = ckpt.vit.input_size, ckpt.vit.patch_size
+    tensors.update({TEXT_ENCODER_PREFIX + k: v for k, v in ckpt.text_encoder.items()})
     model = ckpt.model_name or f'm2d_vit_{next((w for w, d in WIDTHS.items() if d[0] == ckpt.vit.embed_dim), "custom")}'
-    name = f'{model}-{f}x{t}p{ph}x{pw}p{ckpt.sample_rate // 1000}k'
+    name = ModelName(model, ckpt.vit.input_size, ckpt.vit.patch_size, ckpt.sample_rate, ckpt.name_extra).format()
     meta = {'m2d_name': name, 'source': Path(src).name, 'config': json.dumps(ckpt.vit.__dict__)}
     return save_safetensors(tensors, dst, metadata=meta)

@@ -26,7 +26,7 @@ COMMANDS = {
     'superb': ('superb', 'SUPERB (s3prl): install the upstream, task statistics, task runs, reports'),
     'linear-eval': ('linear_eval', 'linear evaluation of a representation on a labeled audio task or suite'),
     'finetune': ('finetune', 'fine-tune an encoder with a classification head on a labeled audio task'),
-    'predict': ('predict', 'top-k labels of audio files with a fine-tuned weight file'),
+    'predict': ('predict', 'top-k labels of audio files (a fine-tuned file, or M2D-CLAP zero-shot with --labels)'),
     'zeroshot': ('zeroshot', 'zero-shot classification of a labeled audio task or suite with M2D-CLAP (EVAR)'),
     'retrieval': ('retrieval', 'text-audio retrieval recall@K with M2D-CLAP on a caption CSV'),
     'demo': ('demo', 'the whole method on a small built-in task: synthesize, pre-train, evaluate, report'),

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .audio import LogMelSpectrogram, preset
 from .checkpoint import Checkpoint, load_checkpoint
+from .clap_proj import AudioToSemantic, semantic_audio_proj
 from .errors import M2DError
 from .labels import head_labels
 from .streaming import STREAM_WINDOWS, encode_stream, feature_frames, waveform_blocks
@@ -73,11 +74,14 @@ class RuntimeM2D(nn.Module):
             is taken (`vit.pack_weights`), and the patch embedding is one matmul. An inference
             mode: for training in mixed precision, keep float32 weights and use ``torch.autocast``.
         trust: allow pickles that need more than tensors (runs code from the file).
+        text_encoder: M2D-CLAP files: the text encoder to use instead of the one the file's name says
+            (`m2d.clap`): a type letter (``'A'`` GTE base, ``'B'`` BERT base, ``'N'`` NV-Embed-v2), a
+            Hugging Face model name, or a local folder. Loaded on the first `encode_text`.
     """
 
     def __init__(self, weight_file: str | Path | None = None, flat_features: bool = False,
                  num_classes: int | None = None, bf16: bool = False, trust: bool = False,
-                 checkpoint: Checkpoint | None = None):
+                 checkpoint: Checkpoint | None = None, text_encoder: str | Path | None = None):
         super().__init__()
         if checkpoint is None:
             if weight_file is None:
@@ -120,10 +124,17 @@ class RuntimeM2D(nn.Module):
             else:
                 log.info('%s has no EVAR head; the %d-class head is randomly initialized', ckpt.path.name, num_classes)
 
-        self.audio_proj = _linear_stack(ckpt.clap, 'audio_proj')
+        # audio_proj: an MLP/Linear on the patch mean, or (2025) a semantic-token transformer on all patches
+        self.audio_proj = semantic_audio_proj(ckpt.clap) or _linear_stack(ckpt.clap, 'audio_proj')
         self.text_proj = _linear_stack(ckpt.clap, 'text_proj')
+        if self.audio_proj is None and self.text_proj is not None:
+            self.audio_proj = nn.Identity()  # the reference's make_it_CLAP does so for files with text_proj only
         if 'logit_scale' in ckpt.clap:
             self.register_buffer('logit_scale', ckpt.clap['logit_scale'].clone())
+        # The CLAP text side (`encode_text`) is loaded when first needed; see m2d.clap.
+        self.text_encoder_name = text_encoder
+        self._name_extra = ckpt.name_extra
+        self._text_encoder_weights = ckpt.text_encoder or None
         self.eval()
         log.info('RuntimeM2D: %s, input %dx%d, patch %dx%d, %d Hz, norm_stats %.4f/%.4f, feature_d %d',
                  ckpt.path, *ckpt.vit.input_size, *ckpt.vit.patch_size, self.sample_rate,
@@ -287,17 +298,92 @@ class RuntimeM2D(nn.Module):
 
     # ----- M2D-CLAP ---------------------------------------------------------------------------
 
-    def encode_clap_audio(self, batch_audio: torch.Tensor) -> torch.Tensor:
-        """M2D-CLAP audio embedding: ``audio_proj`` of the mean over all patch features."""
-        if self.audio_proj is None:
-            raise ValueError(f'{self.weight_file} has no audio_proj; it is not an M2D-CLAP weight file')
-        x = self.encode(batch_audio)
-        D = self.cfg.embed_dim
-        patch_mean = x.reshape(x.shape[0], -1, D).mean(1)
-        return self.audio_proj(patch_mean)
+    @property
+    def is_clap(self) -> bool:
+        """Whether the file is an M2D-CLAP one (it has ``audio_proj``)."""
+        return self.audio_proj is not None
 
-    def encode_clap_text(self, text_embeddings: torch.Tensor) -> torch.Tensor:
-        """Project sentence embeddings of the CLAP text encoder with ``text_proj``."""
-        if self.text_proj is None:
-            raise ValueError(f'{self.weight_file} has no text_proj; it is not an M2D-CLAP weight file')
-        return self.text_proj(text_embeddings)
+    def _require_clap(self) -> None:
+        if not self.is_clap:
+            raise ValueError(f'{self.weight_file} has no audio_proj; it is not an M2D-CLAP weight file')
+
+    def encode_clap_audio(self, batch_audio: torch.Tensor) -> torch.Tensor:
+        """M2D-CLAP audio embedding: ``audio_proj`` of the mean over all patch features (2025 files: the
+        semantic projector reads all patch features, whose order does not matter to it)."""
+        self._require_clap()
+        x = self.encode(batch_audio)
+        patches = x.reshape(x.shape[0], -1, self.cfg.embed_dim)
+        if isinstance(self.audio_proj, AudioToSemantic):
+            return self.audio_proj(patches)
+        return self.audio_proj(patches.mean(1))
+
+    def encode_audio(self, batch_audio: torch.Tensor) -> torch.Tensor:
+        """CLAP audio embeddings ``[B, D]`` of waveforms ``[B, samples]`` (= `encode_clap_audio`)."""
+        return self.encode_clap_audio(batch_audio)
+
+    def load_text_encoder(self, name_or_dir: str | Path | None = None) -> nn.Module:
+        """Load (once) the CLAP text encoder: the one the file's name says (`m2d.clap.parse_clap_type`),
+        or `name_or_dir` / the runtime's ``text_encoder`` argument; a ``...pTI`` file's own weights.
+        Needs ``transformers`` (``pip install 'm2d[clap]'``)."""
+        from .clap import ClapError, load_text_encoder, parse_clap_type, resolve_text_encoder, text_encoder_included
+
+        self._require_clap()
+        if name_or_dir is None and 'text_encoder' in self._modules:
+            return self.text_encoder
+        source = Path(self.weight_file).name
+        clap_type, where = resolve_text_encoder(parse_clap_type(self._name_extra, source),
+                                                name_or_dir or self.text_encoder_name)
+        weights = None
+        if text_encoder_included(self._name_extra, source):
+            if not self._text_encoder_weights:
+                raise ClapError(f'{self.weight_file}: the name says its text encoder is included (TI), but the file '
+                                'holds no text_encoder.* weights')
+            weights = self._text_encoder_weights
+        elif self._text_encoder_weights:
+            # A renamed file keeps its trained text encoder (the reference would take the hub's weights).
+            log.info('%s: using the text encoder weights inside the file', source)
+            weights = self._text_encoder_weights
+        self.text_encoder = load_text_encoder(clap_type, where, weights, source).to(self.norm_stats.device)
+        return self.text_encoder
+
+    def encode_text(self, texts: str | list[str], truncate: bool = False, batch_size: int = 64) -> torch.Tensor:
+        """CLAP text embeddings ``[N, D]`` (float32, on the runtime's device): the text encoder's sentence
+        vectors, projected by ``text_proj`` when the file has one (the reference's ``encode_clap_text``).
+        `truncate`: cut texts at 512 tokens instead of refusing them (the reference's default: refuse)."""
+        from .clap import encode_texts
+
+        encoder = self.load_text_encoder()
+        x = encode_texts(encoder, [texts] if isinstance(texts, str) else texts, truncate, batch_size)
+        x = x.to(self.norm_stats.device)
+        return self.text_proj(x) if self.text_proj is not None else x
+
+    def encode_clap_text(self, texts: str | list[str] | torch.Tensor) -> torch.Tensor:
+        """`encode_text` of texts; given a tensor of sentence vectors ``[N, hidden]`` (computed elsewhere),
+        only their ``text_proj`` projection (identity for files without one)."""
+        self._require_clap()
+        if not isinstance(texts, torch.Tensor):
+            return self.encode_text(texts)
+        return self.text_proj(texts) if self.text_proj is not None else texts
+
+    @staticmethod
+    def similarity(audio_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities ``[B, N]`` of CLAP audio ``[B, D]`` and text ``[N, D]`` embeddings (both
+        L2-normalized, then a matrix product, as the reference's zero-shot notebook)."""
+        from .clap import cosine_similarity
+
+        return cosine_similarity(audio_emb.float(), text_emb.float().to(audio_emb.device))
+
+    @property
+    def clap_scale(self) -> float:
+        """The factor of the CLAP logits: ``exp(logit_scale)`` of the file (the reference trains with
+        ``logit_scale.exp() * cosine``, clamped at 100); 1/0.07 for a file without ``logit_scale``."""
+        from .clap import CLIP_INITIAL_LOGIT_SCALE
+
+        if 'logit_scale' not in self._buffers:
+            return CLIP_INITIAL_LOGIT_SCALE
+        return float(self.logit_scale.float().exp())
+
+    def zero_shot_probabilities(self, similarity: torch.Tensor) -> torch.Tensor:
+        """Probabilities over the labels ``[B, N]``: softmax of ``clap_scale * similarity`` along the labels
+        (the softmax of the reference's training logits, restricted to the given labels)."""
+        return torch.softmax(self.clap_scale * similarity.float(), dim=-1)

@@ -9,6 +9,8 @@ The results equal the in-memory path (`RuntimeM2D.encode`) up to float32 round-o
 - `encode_stream` cuts windows at the same frame boundaries (multiples of the model's input
   length), normalizes with the checkpoint's statistics and hands whole windows, and at the end the
   last partial window, to `RuntimeM2D.encode_lms`, which pads it as it does in memory.
+- `sliding_windows` is the one window cutter over a stream along time: log-mel frames for
+  `encode_stream`, waveform samples for the tagging and zero-shot timelines (`m2d.evaluate.timeline`).
 - `NpyStream` writes frames to an open file and fixes the header's shape when it is closed.
 """
 
@@ -118,6 +120,60 @@ def waveform_blocks(audio: torch.Tensor | np.ndarray, block_samples: int) -> Ite
         yield x[..., i:i + block_samples]
 
 
+# ----- windows over a stream ---------------------------------------------------------------------
+
+Stream = np.ndarray | torch.Tensor
+
+
+def _join(a: Stream, b: Stream) -> Stream:
+    return torch.cat([a, b], dim=-1) if isinstance(a, torch.Tensor) else np.concatenate([a, b], axis=-1)
+
+
+def _pad_end(x: Stream, n: int) -> Stream:
+    if isinstance(x, torch.Tensor):
+        return torch.nn.functional.pad(x, (0, n))
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n)])
+
+
+def sliding_windows(blocks: Iterable[Stream], window: int, hop: int,
+                    pad_last: bool = True) -> Iterator[tuple[int, int, Stream]]:
+    """``(start, end, x[..., start:end])`` for windows of `window` steps every `hop` steps along the last
+    axis of a stream of blocks (numpy arrays, made float32, or torch tensors): waveform samples or
+    log-mel frames ``[B, 1, F, t]``.
+
+    Windows are yielded as soon as their steps have arrived; `end` is ``min(start + window, n)`` for a
+    stream of n steps. The last window, reaching past the end (or a stream shorter than one window),
+    is zero-padded to `window` steps, or with ``pad_last=False`` yielded as it is. Yields
+    ``1 + ceil(max(0, n - window) / hop)`` windows (`m2d.evaluate.timeline.num_windows`); holds at
+    most one window plus one block. Each window is a copy.
+    """
+    if window < 1 or hop < 1:
+        raise ValueError(f'sliding_windows: window ({window}) and hop ({hop}) must be positive')
+    buf: Stream | None = None
+    buf_start = 0          # step index of buf[..., 0]
+    start = 0              # next window's start
+    total = 0
+    emitted_end = 0
+    for block in blocks:
+        block = block if isinstance(block, torch.Tensor) else np.asarray(block, np.float32)
+        if not block.shape[-1]:
+            continue
+        buf = block if buf is None or not buf.shape[-1] else _join(buf, block)
+        total += block.shape[-1]
+        while start + window <= total:
+            off = start - buf_start
+            yield start, start + window, buf[..., off:off + window].copy() if isinstance(buf, np.ndarray) \
+                else buf[..., off:off + window].clone()
+            emitted_end = start + window
+            start += hop
+        keep_from = min(start, total)  # steps before the next window's start are not needed any more
+        if keep_from > buf_start:
+            buf, buf_start = buf[..., keep_from - buf_start:], keep_from
+    if total and emitted_end < total:  # the tail (or a stream shorter than one window)
+        tail = buf[..., start - buf_start:]
+        yield start, total, _pad_end(tail, window - (total - start)) if pad_last else tail
+
+
 # ----- model windows ----------------------------------------------------------------------------
 
 def feature_frames(runtime, lms_frames: int) -> int:
@@ -138,30 +194,22 @@ def encode_stream(runtime, blocks: Iterable[np.ndarray | torch.Tensor], return_l
     ``runtime.encode_lms(lms[..., skip_frames:])`` with `skip_frames`). Memory: the model on
     `windows_per_pass` windows, plus one block and one log-mel piece.
     """
-    unit = runtime.cfg.input_size[1]
-    step = max(1, int(windows_per_pass)) * unit
+    step = max(1, int(windows_per_pass)) * runtime.cfg.input_size[1]
     device = runtime.norm_stats.device
-    held: list[torch.Tensor] = []  # normalized frames not yet encoded
-    n_held, to_skip = 0, int(skip_frames)
 
-    def encode(lms: torch.Tensor) -> list[torch.Tensor]:
+    def normalized() -> Iterator[torch.Tensor]:
+        to_skip = int(skip_frames)
+        for lms in lms_stream(runtime.to_spec, (torch.as_tensor(b).to(device) for b in blocks)):
+            if to_skip:
+                cut = min(to_skip, lms.shape[-1])
+                lms, to_skip = lms[..., cut:], to_skip - cut
+            yield runtime.normalize_batch(lms)
+
+    # Back-to-back windows of `step` frames (a whole number of model windows); the last one, shorter,
+    # is padded by encode_lms as in memory.
+    for _, _, lms in sliding_windows(normalized(), step, step, pad_last=False):
         y = runtime.encode_lms(lms, return_layers=return_layers)
-        return y if return_layers else [y]
-
-    for lms in lms_stream(runtime.to_spec, (torch.as_tensor(b).to(device) for b in blocks)):
-        if to_skip:
-            cut = min(to_skip, lms.shape[-1])
-            lms, to_skip = lms[..., cut:], to_skip - cut
-        if not lms.shape[-1]:
-            continue
-        held.append(runtime.normalize_batch(lms))
-        n_held += lms.shape[-1]
-        while n_held >= step:
-            x = torch.cat(held, dim=-1) if len(held) > 1 else held[0]
-            held, n_held = [x[..., step:]], n_held - step
-            yield encode(x[..., :step])
-    if n_held:
-        yield encode(torch.cat(held, dim=-1))
+        yield y if return_layers else [y]
 
 
 class RunningMean:

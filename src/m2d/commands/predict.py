@@ -1,4 +1,5 @@
-"""`m2d predict FILES... --weights FT_FILE [--top K] [--json] [--timeline ...]`: labels of audio files."""
+"""`m2d predict FILES... --weights FT_FILE [--top K] [--json] [--timeline ...]`: labels of audio files;
+`--weights CLAP_FILE --labels "dog,rain"`: zero-shot classification with M2D-CLAP."""
 
 from __future__ import annotations
 
@@ -23,8 +24,19 @@ top K labels per window), NAME.events.csv (start,end,label,peak_p: a label above
 consecutive windows) and, with --plot, NAME.timeline.png. It prints the events (or, with --json,
 windows and events as JSON).
 
+Zero-shot (M2D-CLAP): --weights CLAP_FILE with --labels "dog barking,rain,siren" (or --labels_file,
+one label a line). Each label becomes a caption (--template, default "{label} can be heard", _ made a
+space, as the reference's ESC-50 notebook) embedded by the CLAP text encoder the file's name says
+(GTE base for the 2024 release; --text_encoder NAME_OR_DIR to use another, e.g. a local folder; needs
+pip install 'm2d[clap]'). For each label: similarity = cosine of the CLAP audio and text embeddings,
+probability = softmax over the labels of exp(logit_scale) x cosine. Labels are listed most similar
+first, all of them unless --top is given. Clips are scored whole (--unit_sec to crop/pad); with
+--timeline, every window of the model's input length, and --threshold applies to the probability.
+
 examples:
   m2d predict clip.wav --weights m2d_as_vit_base-80x1001p16x16-240213_AS-FT_enconly
+  m2d predict clips/ --weights m2d_clap_vit_base-80x608p16x16-240128 --labels "dog barking,rain,siren"
+  m2d predict street.wav --weights m2d_clap_vit_base-80x608p16x16-240128 --labels_file labels.txt --timeline
   m2d predict meeting.wav --weights m2d_as_vit_base-80x1001p16x16-240213_AS-FT_enconly --timeline --plot
   m2d predict clips/*.wav --weights eval/.../weights_best.pth --top 3 --json > predictions.json
 """
@@ -35,8 +47,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument('files', nargs='+', metavar='FILE', help='audio files (folders are searched recursively)')
     parser.add_argument('--weights', '-w', required=True, metavar='FT_FILE',
-                        help='a fine-tuned weight file, or a released fine-tuned model name')
-    parser.add_argument('--top', type=int, default=5, metavar='K', help='labels shown per file or window (default %(default)s)')
+                        help='a fine-tuned weight file, or a released fine-tuned model name (with --labels: an '
+                             'M2D-CLAP file or name)')
+    parser.add_argument('--top', type=int, default=None, metavar='K',
+                        help='labels shown per file or window (default 5; zero-shot: all labels)')
+    parser.add_argument('--labels', default=None, metavar='"A,B,..."',
+                        help='zero-shot with an M2D-CLAP file: the labels, comma-separated')
+    parser.add_argument('--labels_file', '--labels-file', dest='labels_file', default=None, metavar='FILE',
+                        help='zero-shot: a text file of labels, one a line')
+    parser.add_argument('--template', default=None, metavar='TEXT',
+                        help='zero-shot: the caption of a label (default "{label} can be heard")')
+    parser.add_argument('--text_encoder', '--text-encoder', dest='text_encoder', default=None, metavar='NAME_OR_DIR',
+                        help="zero-shot: the CLAP text encoder instead of the one the file's name says: A (GTE base), "
+                             'B (BERT base), N (NV-Embed-v2), a Hugging Face name or a local folder')
     parser.add_argument('--json', action='store_true', help='print JSON instead of text')
     parser.add_argument('--unit_sec', '--unit-sec', dest='unit_sec', type=float, default=None, metavar='S',
                         help='clip mode: crop/pad each file to S seconds (default: the fine-tuning length; 0: whole file)')
@@ -77,7 +100,13 @@ def _files(args: argparse.Namespace) -> list:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.top < 1:
+    zero_shot = args.labels is not None or args.labels_file is not None
+    for name in ('template', 'text_encoder'):
+        if getattr(args, name) is not None and not zero_shot:
+            raise CommandError(f'--{name}: needs --labels or --labels_file (zero-shot with an M2D-CLAP file)')
+    if zero_shot and args.multilabel:
+        raise CommandError('--multilabel: not for zero-shot (the probabilities are a softmax over the labels)')
+    if args.top is not None and args.top < 1:
         raise CommandError(f'--top {args.top}: must be at least 1')
     if args.unit_sec is not None and args.unit_sec < 0:
         raise CommandError(f'--unit_sec {args.unit_sec}: must be >= 0')
@@ -112,14 +141,20 @@ def _report_failures(failures: list[str], total: int) -> int:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..evaluate.predict import load_classifier, predict_files
+    from ..evaluate.predict import load_classifier, load_zero_shot, predict_files, read_labels
     from ..runtime import resolve_device
 
     _check(args)
     files = _files(args)
-    clf = load_classifier(args.weights, multilabel=True if args.multilabel else None, trust=args.trust,
-                          bf16=args.bf16)
     device = resolve_device(args.device)
+    if args.labels is not None or args.labels_file is not None:
+        clf = load_zero_shot(args.weights, read_labels(args.labels, args.labels_file), args.template,
+                             args.text_encoder, trust=args.trust, bf16=args.bf16, device=device)
+        args.top = args.top or clf.num_classes
+    else:
+        clf = load_classifier(args.weights, multilabel=True if args.multilabel else None, trust=args.trust,
+                              bf16=args.bf16)
+        args.top = args.top or 5
     if args.timeline:
         return _run_timeline(args, clf, files, device)
     results, failures = predict_files(clf, files, top=args.top, unit_sec=args.unit_sec, device=device)
@@ -127,8 +162,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=1))
     else:
         for r in results:
-            print(r['file'] + '\t' + '  '.join(f'{t["label"]} {t["probability"]:.3f}' for t in r['top']))
+            print(r['file'] + '\t' + '  '.join(_entry(t) for t in r['top']))
     return _report_failures(failures, len(files))
+
+
+def _entry(t: dict) -> str:
+    """``label 0.912`` (zero-shot: ``label 0.912 (cos 0.314)``)."""
+    text = f'{t["label"]} {t["probability"]:.3f}'
+    return text + f' (cos {t["similarity"]:.3f})' if 'similarity' in t else text
 
 
 def _write_csv(path, header: list[str], rows: list) -> None:
@@ -165,16 +206,17 @@ def _run_timeline(args: argparse.Namespace, clf, files: list, device) -> int:
         found = events(track, args.threshold)
         windows = track.top(args.top)
         stem = Path(f).stem
-        _write_csv(out / f'{stem}.windows.csv', ['start', 'end', 'label', 'p'],
-                   [[w['start'], w['end'], w['label'], w['p']] for w in windows])
+        columns = ['start', 'end', 'label'] + (['similarity'] if track.similarity is not None else []) + ['p']
+        _write_csv(out / f'{stem}.windows.csv', columns, [[w[c] for c in columns] for w in windows])
         _write_csv(out / f'{stem}.events.csv', ['start', 'end', 'label', 'peak_p'], [list(e) for e in found])
         written = [out / f'{stem}.windows.csv', out / f'{stem}.events.csv']
         if args.plot:
             from ..audio import LogMelSpectrogram, preset, stream_audio
             lms = logmel_overview(stream_audio(f, sr, block_samples=60 * sr), LogMelSpectrogram(preset(sr)),
                                   int(round(track.duration * sr)))
+            what = 'labels (zero-shot)' if track.similarity is not None else 'classes'
             written.append(plot_timeline(track, lms, out / f'{stem}.timeline.png', top=args.top,
-                                         title=f'{Path(f).name}: top {args.top} classes'))
+                                         title=f'{Path(f).name}: top {args.top} {what}'))
         results.append({'file': str(f), 'duration': round(track.duration, 3), 'num_windows': len(track.starts),
                         'window_sec': window / sr,
                         'hop_sec': hop, 'threshold': args.threshold, 'windows': windows,

@@ -124,11 +124,13 @@ def class_counts(y: np.ndarray, n_classes: int) -> np.ndarray:
     return np.bincount(y.astype(np.int64), minlength=n_classes)[:n_classes]
 
 
-def carve_validation(y: np.ndarray, n_classes: int, seed: int, fraction: float = 0.1,
+def carve_linear_eval_valid(y: np.ndarray, n_classes: int, seed: int, fraction: float = 0.1,
                      draws: int = VALID_DRAWS) -> tuple[np.ndarray, np.ndarray]:
-    """Train and validation indices: a random ``ceil(fraction * N)`` of the items is validation, drawn
-    again (up to `draws` times) until every class present in `y` is present in it (EVAR's
-    ``train_test_sure_split``). ProbeError when no draw has every class."""
+    """The linear evaluation's validation part (EVAR's protocol, for tasks whose folds have no valid
+    split): train and validation indices, a random ``ceil(fraction * N)`` of the items being validation,
+    drawn again (up to `draws` times) until every class present in `y` is present in it (EVAR's
+    ``train_test_sure_split``). ProbeError when no draw has every class. Fine-tuning and task
+    preparation use `m2d.evaluate.tasks.carve_stratified_valid` instead."""
     n = len(y)
     n_valid = int(np.ceil(fraction * n))
     if not 0 < n_valid < n:
@@ -206,7 +208,7 @@ def _fit(train: Split, valid: Split | None, test: Split, *, multilabel: bool, n_
     batch = batch_size or auto_batch_size(len(train.x))  # N before any carve, as EVAR
     if valid is None:  # the scaler has seen the whole training part, then the carve (EVAR's order)
         xtr, xte = standardize(train.x, test.x)
-        itr, iva = carve_validation(train.y, n_classes, seed, valid_fraction)
+        itr, iva = carve_linear_eval_valid(train.y, n_classes, seed, valid_fraction)
         xtr, xva, ytr, yva = xtr[itr], xtr[iva], train.y[itr], train.y[iva]
     else:
         xtr, xva, xte = standardize(train.x, valid.x, test.x)

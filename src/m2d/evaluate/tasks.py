@@ -205,8 +205,10 @@ def stratified_split(labels: Sequence[tuple[str, ...]], seed: int,
     return out
 
 
-def carve_valid(clips: list[Clip], seed: int, fraction: float) -> list[Clip]:
-    """Move a stratified `fraction` of the train clips to valid (seeded); other splits are kept."""
+def carve_stratified_valid(clips: list[Clip], seed: int, fraction: float) -> list[Clip]:
+    """Move a stratified `fraction` of the train clips to valid (seeded; `stratified_split`); other splits
+    are kept. Serves task preparation (CSV/FSDD tasks without a valid split) and fine-tuning's
+    ``--valid_fraction``; the linear evaluation draws its own (`m2d.evaluate.probe.carve_linear_eval_valid`)."""
     train = [i for i, c in enumerate(clips) if c.split == 'train']
     split = stratified_split([clips[i].labels for i in train], seed, (1.0 - fraction, fraction, 0.0))
     out = list(clips)
@@ -278,7 +280,7 @@ def _read_csv_task(csv: Path, data_dir: Path, seed: int, ratio,
         if 'fold' in columns:
             test_fold = min({c.fold for c in clips}, key=fold_sort_key)
             clips = [dataclasses.replace(c, split='test' if c.fold == test_fold else 'train') for c in clips]
-            clips = carve_valid(clips, seed, ratio[1] / max(ratio[0] + ratio[1], 1e-9))
+            clips = carve_stratified_valid(clips, seed, ratio[1] / max(ratio[0] + ratio[1], 1e-9))
             notes.append(f'fold {test_fold} is the test split (the first fold); valid carved from the other '
                          f'folds with seed {seed}')
         else:
@@ -331,7 +333,7 @@ def _fsdd_task(task: str, data_dir: Path, seed: int, ratio) -> tuple[list[Clip],
         clips.append(Clip(path, path.stem, (label,), 'test' if take < FSDD_TEST_TAKES else 'train'))
     if not clips:
         raise TaskError(f'--data_dir {recordings}: no FSDD recordings (DIGIT_SPEAKER_TAKE.wav) in this folder')
-    clips = carve_valid(clips, seed, ratio[1] / max(ratio[0] + ratio[1], 1e-9))
+    clips = carve_stratified_valid(clips, seed, ratio[1] / max(ratio[0] + ratio[1], 1e-9))
     return clips, [f'official split: takes 0-{FSDD_TEST_TAKES - 1} are test; valid carved from the rest with '
                    f'seed {seed}']
 

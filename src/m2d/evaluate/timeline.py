@@ -1,7 +1,9 @@
 """What is in a recording, and when: class probabilities over sliding windows, and merged events.
 
 A recording of any length is read as a stream of blocks (`m2d.audio.stream_audio`), cut into
-windows of the model's input length every `hop` samples, and the windows are scored in batches, so
+windows of the model's input length every `hop` samples (`m2d.streaming.sliding_windows`, the cutter
+`encode` uses over log-mel frames), and the windows are scored in batches, each as that clip alone
+(a fine-tuned head, or M2D-CLAP zero-shot over given labels), so
 memory stays bounded by one block, one batch of windows and the probability track (C floats per
 window: about 2 KB per window for AudioSet). The last window may run past the end; it is zero-padded
 and reported as ending with the recording.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import M2DError
+from ..streaming import sliding_windows
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +50,6 @@ def check_hop(hop: int, window: int, sample_rate: int) -> None:
                             f'({window / sample_rate:g} s)')
 
 
-def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    """``(start, end, samples[window])`` for windows every `hop` samples over a stream of blocks.
-
-    Windows are yielded as soon as their samples have arrived; `end` is ``min(start + window, n)`` for
-    a recording of n samples, and a window reaching past the end is zero-padded. Holds at most one
-    window plus one block of samples. Yields `num_windows(n, window, hop)` windows.
-    """
-    buf = np.zeros(0, np.float32)
-    buf_start = 0          # sample index of buf[0]
-    start = 0              # next window's start
-    total = 0
-    emitted_end = 0
-    for block in blocks:
-        buf = np.concatenate([buf, np.asarray(block, np.float32)]) if len(buf) else np.asarray(block, np.float32)
-        total += len(block)
-        while start + window <= total:
-            off = start - buf_start
-            yield start, start + window, buf[off:off + window].copy()
-            emitted_end = start + window
-            start += hop
-        keep_from = min(start, total)  # samples before the next window's start are not needed any more
-        if keep_from > buf_start:
-            buf, buf_start = buf[keep_from - buf_start:], keep_from
-    if total and emitted_end < total:  # the tail (or a recording shorter than one window)
-        off = start - buf_start
-        yield start, total, np.pad(buf[off:], (0, window - (total - start)))
-
-
 @dataclass
 class Timeline:
     """Per-window class probabilities of one recording."""
@@ -84,15 +59,21 @@ class Timeline:
     probs: np.ndarray         # [N, C] float32
     classes: list[str]        # C names (or '#i')
     duration: float           # seconds
+    similarity: np.ndarray | None = None  # [N, C] zero-shot cosines (M2D-CLAP), else None
 
     def top(self, k: int) -> list[dict[str, Any]]:
-        """Rows ``{'start', 'end', 'label', 'p'}``: the top-`k` labels of each window, most probable first."""
+        """Rows ``{'start', 'end', 'label', 'p'}`` (zero-shot: and ``'similarity'``): the top-`k` labels of
+        each window, most probable (most similar) first."""
         k = max(1, min(k, self.probs.shape[1]))
+        rank = self.similarity if self.similarity is not None else self.probs
         rows = []
-        for s, e, p in zip(self.starts, self.ends, self.probs):
-            for i in np.argsort(-p, kind='stable')[:k]:
-                rows.append({'start': round(float(s), 3), 'end': round(float(e), 3), 'label': self.classes[i],
-                             'p': round(float(p[i]), 4)})
+        for n, (s, e, p) in enumerate(zip(self.starts, self.ends, self.probs)):
+            for i in np.argsort(-rank[n], kind='stable')[:k]:
+                row = {'start': round(float(s), 3), 'end': round(float(e), 3), 'label': self.classes[i]}
+                if self.similarity is not None:
+                    row['similarity'] = round(float(self.similarity[n, i]), 4)
+                row['p'] = round(float(p[i]), 4)
+                rows.append(row)
         return rows
 
 
@@ -122,16 +103,18 @@ def events(track: Timeline, threshold: float = 0.5) -> list[Event]:
 
 
 def _score(clf, blocks: Iterable[np.ndarray], hop: int, batch_size: int, progress_total: int | None,
-           desc: str, device: torch.device) -> tuple[list[int], list[int], list[np.ndarray], int]:
+           desc: str, device: torch.device) -> tuple[list[int], list[int], dict[str, list[np.ndarray]], int]:
     from tqdm.auto import tqdm
 
     window = clf.window_samples
-    starts, ends, probs, batch = [], [], [], []
+    starts, ends, batch = [], [], []
+    scores: dict[str, list[np.ndarray]] = {}  # 'p' (and 'similarity'): per batch [b, C]
     n_samples = 0
 
     def flush():
         x = torch.from_numpy(np.stack([w for _, _, w in batch])).to(device)
-        probs.append(clf.probabilities(x).cpu().numpy().astype(np.float32))
+        for key, value in clf.scores(x).items():
+            scores.setdefault(key, []).append(value.cpu().numpy().astype(np.float32))
         starts.extend(s for s, _, _ in batch)
         ends.extend(e for _, e, _ in batch)
         batch.clear()
@@ -152,7 +135,7 @@ def _score(clf, blocks: Iterable[np.ndarray], hop: int, batch_size: int, progres
         if batch:
             bar.update(len(batch))
             flush()
-    return starts, ends, probs, n_samples
+    return starts, ends, scores, n_samples
 
 
 def _timeline(clf, blocks, hop_sec, batch_size, total_samples, desc, device) -> Timeline:
@@ -168,18 +151,23 @@ def _timeline(clf, blocks, hop_sec, batch_size, total_samples, desc, device) -> 
     device = torch.device(device)
     clf.runtime.to(device).eval()
     expected = num_windows(total_samples, window, hop) if total_samples else None
-    starts, ends, probs, n = _score(clf, blocks, hop, batch_size, expected, desc, device)
+    starts, ends, scores, n = _score(clf, blocks, hop, batch_size, expected, desc, device)
     C = clf.num_classes
-    return Timeline(np.asarray(starts, np.float64) / sr, np.asarray(ends, np.float64) / sr,
-                    np.concatenate(probs) if probs else np.zeros((0, C), np.float32),
-                    [clf.label(i) for i in range(C)], n / sr)
+
+    def track(key):
+        return np.concatenate(scores[key]) if key in scores else np.zeros((0, C), np.float32)
+
+    zero_shot = 'similarity' in scores or hasattr(clf, 'text_embeddings')
+    return Timeline(np.asarray(starts, np.float64) / sr, np.asarray(ends, np.float64) / sr, track('p'),
+                    [clf.label(i) for i in range(C)], n / sr, track('similarity') if zero_shot else None)
 
 
 def timeline(clf, wav: np.ndarray | torch.Tensor, hop_sec: float | None = None, batch_size: int = DEFAULT_BATCH,
              device: str | torch.device = 'cpu') -> Timeline:
     """Class probabilities over a waveform ``[samples]`` at the model's rate, in windows of the model's
-    input length every `hop_sec` seconds (default half a window). `clf`: an `m2d.evaluate.predict.Classifier`
-    or a fine-tuned runtime (``m2d.load`` of a file with a head)."""
+    input length every `hop_sec` seconds (default half a window). `clf`: an `m2d.evaluate.predict.Classifier`,
+    a fine-tuned runtime (``m2d.load`` of a file with a head), or a `ZeroShotClassifier` (M2D-CLAP with
+    labels: each window's cosines are kept in `Timeline.similarity`)."""
     wav = np.asarray(wav.detach().cpu() if isinstance(wav, torch.Tensor) else wav, np.float32).reshape(-1)
     return _timeline(clf, [wav], hop_sec, batch_size, len(wav), 'timeline', device)
 

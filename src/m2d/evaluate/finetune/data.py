@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ...data.pathtable import PathTable
-from ..tasks import Clip, Task, carve_valid, load_clip
+from ..tasks import Clip, Task, carve_stratified_valid, load_clip
 from .settings import FinetuneError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def choose_splits(task: Task, valid_fraction: float | None, seed: int) -> Splits
         return Splits(task.split('train'), task.split('valid'), task.split('test'), 'valid')
     if valid_fraction is None:
         return Splits(task.split('train'), task.split('test'), task.split('test'), 'test')
-    clips = carve_valid(task.clips, seed, valid_fraction)
+    clips = carve_stratified_valid(task.clips, seed, valid_fraction)
     by = {k: [c for c in clips if c.split == k] for k in ('train', 'valid', 'test')}
     if not by['valid']:
         raise FinetuneError(f'--valid_fraction {valid_fraction}: carves no clip from the {len(by["train"])} '

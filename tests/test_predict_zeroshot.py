@@ -181,3 +181,56 @@ def test_bad_zero_shot_input_is_one_line(tmp_path, clap, small_ckpt, capsys):
         assert main(['predict', wav] + args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith('m2d predict: error:') and message in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------
+# `m2d zeroshot` and `m2d retrieval` end to end on the real text side (the stand-in and tiny GTE)
+
+
+def _tone_file(path, hz, seconds=1.5):
+    t = np.arange(int(seconds * SR)) / SR
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32), SR)
+    return path
+
+
+def _independent_sim(path, folder, wavs, captions):
+    a = torch.cat([reference_clap_audio(path, torch.from_numpy(load_audio(w, SR))[None]) for w in wavs])
+    t = reference_text_vectors(folder, captions, 'gte', clap_parts(path)['text_proj'])
+    return cosine(a, t)
+
+
+def test_zeroshot_and_retrieval_commands_with_the_text_side(tmp_path, clap):
+    path, folder = clap
+    data = tmp_path / 'data'
+    freqs = [220, 440, 880, 1760, 3520, 5000]
+    labels = ['dog_barking', 'rain', 'siren', 'dog_barking', 'rain', 'siren']
+    wavs = [_tone_file(data / f'{i}.wav', hz) for i, hz in enumerate(freqs)]
+    (data / 'task.csv').write_text('file_name,label,split\n' +
+                                   ''.join(f'{i}.wav,{lab},test\n' for i, lab in enumerate(labels)))
+    out = tmp_path / 'zs'
+    assert main(['zeroshot', '--weights', str(path), '--csv', str(data / 'task.csv'), '--data_dir', str(data),
+                 '--text_encoder', str(folder), '--output_dir', str(out), '--no_cache', '-q']) == 0
+    report = json.loads((out / 'report.json').read_text())
+    classes = sorted(set(labels))                                   # EVAR's class order: sorted names
+    captions = [c.replace('_', ' ') + ' can be heard' for c in classes]
+    sim = _independent_sim(path, folder, wavs, captions)
+    expected = float(np.mean([classes[int(j)] == lab for j, lab in zip(sim.argmax(1), labels)]))
+    assert report['model']['mean'] == pytest.approx(expected)
+    assert report['captions'] == dict(zip(classes, captions))
+
+    caps = ['a dog barking', 'rain drops', 'a loud siren', 'the dog is barking', 'quiet rain', 'a car horn']
+    (data / 'captions.csv').write_text('file_name,caption_1,caption_2\n' +
+                                      ''.join(f'{i}.wav,{caps[i]},{caps[(i + 1) % 6]} and music\n' for i in range(6)))
+    out = tmp_path / 'retr'
+    assert main(['retrieval', '--weights', str(path), '--captions', str(data / 'captions.csv'), '--data_dir', str(data),
+                 '--text_encoder', str(folder), '--output_dir', str(out), '--no_cache', '-q']) == 0
+    report = json.loads((out / 'report.json').read_text())
+    texts = [c for i in range(6) for c in (caps[i], f'{caps[(i + 1) % 6]} and music')]
+    owner = np.repeat(np.arange(6), 2)
+    sim = _independent_sim(path, folder, wavs, texts).numpy()      # [6 clips, 12 captions]
+    t2a_rank = np.array([(sim[:, q] > sim[owner[q], q]).sum() for q in range(12)])
+    a2t_rank = np.array([min((sim[c] > sim[c, q]).sum() for q in np.flatnonzero(owner == c)) for c in range(6)])
+    for k in (1, 5):
+        assert report['results']['text_to_audio'][f'R@{k}'] == pytest.approx(100 * np.mean(t2a_rank < k))
+        assert report['results']['audio_to_text'][f'R@{k}'] == pytest.approx(100 * np.mean(a2t_rank < k))

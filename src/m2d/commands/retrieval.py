@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from . import CommandError
+from .clap_options import add_encoding_arguments, encoding_options
 
 EPILOG = """\
 The caption CSV: file_name and caption columns, either caption_1 ... caption_N on one row per clip
@@ -37,25 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--ks', default='1,5,10', metavar='K,K,...', help='recall cut-offs (default 1,5,10)')
     parser.add_argument('--unit_sec', '--unit-sec', dest='unit_sec', type=float, default=None, metavar='S',
                         help='crop/pad every clip to S seconds (default: each clip whole)')
-    parser.add_argument('--text_encoder', '--text-encoder', dest='text_encoder', default=None, metavar='NAME_OR_DIR',
-                        help="the CLAP text encoder (default: the one the weight file's name implies)")
-    parser.add_argument('--batch_size', '--batch-size', dest='batch_size', type=int, default=16,
-                        help='clips of equal length encoded together (default 16)')
-    parser.add_argument('--text_batch_size', '--text-batch-size', dest='text_batch_size', type=int, default=64,
-                        help='captions encoded together (default 64)')
-    parser.add_argument('--output_dir', '--output-dir', dest='output_dir', default=None, metavar='DIR',
-                        help='report folder (default eval/<weights-name>/retrieval-<csv name>/; with several --weights, '
-                             'one sub-folder each)')
-    parser.add_argument('--cache_dir', '--cache-dir', dest='cache_dir', default=None, metavar='DIR',
-                        help='embedding cache (default $M2D_CACHE/embeddings or ~/.cache/m2d/embeddings)')
-    parser.add_argument('--no_cache', '--no-cache', dest='no_cache', action='store_true',
-                        help='neither read nor write cached embeddings')
-    parser.add_argument('--max_failed', '--max-failed', dest='max_failed', type=float, default=0.01, metavar='F',
-                        help='the largest fraction of unreadable clips left out (reported) before it is an error')
-    parser.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
-    parser.add_argument('--bf16', action='store_true', help='encode audio in bfloat16')
-    parser.add_argument('--trust', action='store_true', help='allow weight files that need code to unpickle')
-    parser.add_argument('--quiet', '-q', action='store_true', help='no progress bars')
+    add_encoding_arguments(parser, 'eval/<weights-name>/retrieval-<csv name>/; with several --weights, one '
+                           'sub-folder each', 'clips of equal length encoded together')
 
 
 def _ks(text: str) -> tuple[int, ...]:
@@ -75,10 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate.retrieval import evaluate_retrieval, read_caption_csv, summary_line
 
     data = read_caption_csv(args.captions, args.data_dir, args.split)
-    opts = dict(unit_sec=args.unit_sec, ks=_ks(args.ks), batch_size=args.batch_size,
-                text_batch_size=args.text_batch_size, text_encoder=args.text_encoder, device=args.device,
-                bf16=args.bf16, cache_dir=args.cache_dir, use_cache=not args.no_cache, max_failed=args.max_failed,
-                progress=not args.quiet, trust=args.trust)
+    opts = dict(unit_sec=args.unit_sec, ks=_ks(args.ks), **encoding_options(args))
     for w in args.weights:
         out = args.output_dir
         if out is not None and len(args.weights) > 1:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from . import CommandError
+from .clap_options import add_encoding_arguments, encoding_options
 
 EPILOG = """\
 The protocol is EVAR's (zeroshot.py): one caption per class ("{label} can be heard", with EVAR's
@@ -50,36 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'clip, at most 10 s)')
     parser.add_argument('--template', default=None, metavar='TEXT',
                         help='caption sentence, {label} = the class name (default "{label} can be heard", EVAR)')
-    parser.add_argument('--text_encoder', '--text-encoder', dest='text_encoder', default=None, metavar='NAME_OR_DIR',
-                        help="the CLAP text encoder (Hugging Face name or local folder; default: the one the weight "
-                             "file's name implies)")
-    parser.add_argument('--batch_size', '--batch-size', dest='batch_size', type=int, default=16,
-                        help='clips encoded together (default 16)')
-    parser.add_argument('--text_batch_size', '--text-batch-size', dest='text_batch_size', type=int, default=64,
-                        help='captions encoded together (default 64)')
-    parser.add_argument('--output_dir', '--output-dir', dest='output_dir', default=None, metavar='DIR',
-                        help='report folder (default eval/<weights-name>/zeroshot-<task>/, eval/zeroshot-evar/ for the '
-                             'suite)')
-    parser.add_argument('--cache_dir', '--cache-dir', dest='cache_dir', default=None, metavar='DIR',
-                        help='embedding cache (default $M2D_CACHE/embeddings or ~/.cache/m2d/embeddings)')
-    parser.add_argument('--no_cache', '--no-cache', dest='no_cache', action='store_true',
-                        help='neither read nor write cached embeddings')
-    parser.add_argument('--max_failed', '--max-failed', dest='max_failed', type=float, default=0.01, metavar='F',
-                        help='the largest fraction of unreadable clips left out (reported) before it is an error')
-    parser.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
-    parser.add_argument('--bf16', action='store_true', help='encode audio in bfloat16')
-    parser.add_argument('--trust', action='store_true', help='allow weight files that need code to unpickle')
-    parser.add_argument('--quiet', '-q', action='store_true', help='no progress bars')
+    add_encoding_arguments(parser, 'eval/<weights-name>/zeroshot-<task>/, eval/zeroshot-evar/ for the suite',
+                           'clips encoded together')
 
 
 def options(args: argparse.Namespace) -> dict:
     """`ZeroShotOptions` keyword arguments from the command line."""
     from ..evaluate.captions import EVAR_TEMPLATE
 
-    return dict(template=args.template or EVAR_TEMPLATE, fold=args.fold, batch_size=args.batch_size,
-                text_batch_size=args.text_batch_size, text_encoder=args.text_encoder, device=args.device,
-                bf16=args.bf16, cache_dir=args.cache_dir, use_cache=not args.no_cache, max_failed=args.max_failed,
-                progress=not args.quiet, trust=args.trust)
+    return dict(template=args.template or EVAR_TEMPLATE, fold=args.fold, **encoding_options(args))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -115,20 +115,21 @@ def run_suite(weights: list[str | Path], suite: str | Path, output_dir: str | Pa
     return _run_entries(weights, read_suite(suite), out, opts, unit_sec, split_seed)
 
 
-def evar_entries(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """The suite entries of the seed table's tasks found under `root` (``ROOT/<task>/<task>.csv``), and
-    the missing ones with the reason."""
+def evar_entries(root: str | Path, tasks: tuple[str, ...] = SEED_TABLE_TASKS,
+                 suite: str = 'evar suite') -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The suite entries of `tasks` (default: the seed table's) found under `root`
+    (``ROOT/<task>/<task>.csv``), and the missing ones with the reason."""
     root = Path(root)
     if not root.is_dir():
         raise SuiteError(f'--data_dir {root}: no such folder (the evar suite reads ROOT/<task>/<task>.csv)')
     entries, gaps = [], {}
-    for name in SEED_TABLE_TASKS:
+    for name in tasks:
         folder = root / name
         if (folder / f'{name}.csv').is_file():
             entries.append({'name': name, 'task': name, 'data_dir': str(folder)})
         else:
             gaps[name] = f'no {folder / (name + ".csv")} (prepare it with `m2d datasets {name} {folder}`)'
-            log.warning('evar suite: %s is missing: %s', name, gaps[name])
+            log.warning('%s: %s is missing: %s', suite, name, gaps[name])
     return entries, gaps
 
 

@@ -43,6 +43,7 @@ from . import metrics
 from .captions import EVAR_TEMPLATE, class_to_caption
 from .clap_embed import audio_embeddings, check_failed, cosine_similarity, load_clap, text_embeddings
 from .evar import EVAR_TASKS, PUBLISHED_ZEROSHOT, ZEROSHOT_TABLE_TASKS
+from .suite import evar_entries
 from .tasks import Clip, Task, TaskError, load_task
 
 log = logging.getLogger(__name__)
@@ -314,18 +315,7 @@ SUMMARY_TEXT = {
 def evar_zeroshot_entries(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """The suite entries of the paper's zero-shot tasks found under `root` (``ROOT/<task>/<task>.csv``),
     and the missing ones with the reason."""
-    root = Path(root)
-    if not root.is_dir():
-        raise M2DError(f'--data_dir {root}: no such folder (the evar suite reads ROOT/<task>/<task>.csv)')
-    entries, gaps = [], {}
-    for name in ZEROSHOT_TABLE_TASKS:
-        folder = root / name
-        if (folder / f'{name}.csv').is_file():
-            entries.append({'name': name, 'task': name, 'data_dir': str(folder)})
-        else:
-            gaps[name] = f'no {folder / (name + ".csv")} (prepare it with `m2d datasets {name} {folder}`)'
-            log.warning('zero-shot evar suite: %s is missing: %s', name, gaps[name])
-    return entries, gaps
+    return evar_entries(root, tuple(ZEROSHOT_TABLE_TASKS), 'zero-shot evar suite')
 
 
 def run_zeroshot_suite(weights: list[str | Path], suite: str | Path, data_dir: str | Path | None = None,

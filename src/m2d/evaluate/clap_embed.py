@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,37 @@ class LoadedCLAP:
     runtime: Any     # m2d.runtime.RuntimeM2D with the CLAP text side
     sha256: str
     name: str
+
+
+@dataclass
+class EncodingOptions:
+    """How a CLAP evaluation encodes clips and captions (the options `m2d zeroshot` and `m2d retrieval`
+    share); `checked` builds one from keyword arguments and rejects unknown or out-of-range values."""
+
+    batch_size: int = 16                 # clips encoded together
+    text_batch_size: int = 64            # captions encoded together
+    text_encoder: str | None = None      # overrides the text encoder the weight file's name implies
+    device: str | None = None
+    bf16: bool = False
+    cache_dir: str | None = None
+    use_cache: bool = True
+    max_failed: float = 0.01
+    progress: bool = True
+    trust: bool = False
+
+    @classmethod
+    def checked(cls, options: dict[str, Any], command: str):
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise M2DError(f'{command}: unknown option(s) {", ".join(unknown)} (known: {", ".join(sorted(names))})')
+        opts = cls(**options)
+        for name in ('batch_size', 'text_batch_size'):
+            if getattr(opts, name) < 1:
+                raise M2DError(f'--{name} {getattr(opts, name)}: must be at least 1')
+        if not 0 <= opts.max_failed <= 1:
+            raise M2DError(f'--max_failed {opts.max_failed}: expected a fraction between 0 and 1')
+        return opts
 
 
 def load_clap(weights: str | Path, *, bf16: bool = False, trust: bool = False,

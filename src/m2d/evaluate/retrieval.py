@@ -28,7 +28,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import M2DError
-from .clap_embed import audio_embeddings, check_failed, cosine_similarity, load_clap, text_embeddings
+from .clap_embed import EncodingOptions, audio_embeddings, check_failed, cosine_similarity, load_clap, text_embeddings
 from .tasks import SPLIT_ALIASES, Clip
 
 log = logging.getLogger(__name__)
@@ -191,36 +191,20 @@ def retrieval_metrics(sim: np.ndarray, caption_clip: Sequence[int], ks: Sequence
 
 
 @dataclass
-class RetrievalOptions:
+class RetrievalOptions(EncodingOptions):
     """Settings of a retrieval evaluation (`m2d retrieval`'s options)."""
 
     unit_sec: float | None = None       # None: every clip whole (EVAR); else cropped/zero-padded to it
     ks: tuple[int, ...] = DEFAULT_KS
-    batch_size: int = 16
-    text_batch_size: int = 64
-    text_encoder: str | None = None
-    device: str | None = None
-    bf16: bool = False
-    cache_dir: str | None = None
-    use_cache: bool = True
-    max_failed: float = 0.01
-    progress: bool = True
-    trust: bool = False
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> RetrievalOptions:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise M2DError(f'retrieval: unknown option(s) {", ".join(unknown)} (known: {", ".join(sorted(names))})')
-        opts = cls(**options)
+        opts = cls.checked(options, 'retrieval')
         opts.ks = tuple(int(k) for k in opts.ks)
         if not opts.ks or min(opts.ks) < 1:
             raise M2DError(f'--ks {opts.ks}: every K must be at least 1')
         if opts.unit_sec is not None and not opts.unit_sec > 0:
             raise M2DError(f'--unit_sec {opts.unit_sec}: must be positive')
-        if not 0 <= opts.max_failed <= 1:
-            raise M2DError(f'--max_failed {opts.max_failed}: expected a fraction between 0 and 1')
         return opts
 
 

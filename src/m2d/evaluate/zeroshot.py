@@ -29,7 +29,7 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from ..errors import M2DError
 from ..fileio import atomic_path
 from . import metrics
 from .captions import EVAR_TEMPLATE, class_to_caption
-from .clap_embed import audio_embeddings, check_failed, cosine_similarity, load_clap, text_embeddings
+from .clap_embed import EncodingOptions, audio_embeddings, check_failed, cosine_similarity, load_clap, text_embeddings
 from .evar import EVAR_TASKS, PUBLISHED_ZEROSHOT, ZEROSHOT_TABLE_TASKS
 from .suite import evar_entries
 from .tasks import Clip, Task, TaskError, load_task
@@ -50,34 +50,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ZeroShotOptions:
+class ZeroShotOptions(EncodingOptions):
     """Settings of a zero-shot evaluation (`m2d zeroshot`'s options)."""
 
     template: str = EVAR_TEMPLATE        # caption sentence; {label} is the (EVAR-worded) class name
     fold: str | None = None              # one fold of a fold task (default: every fold)
-    batch_size: int = 16                 # clips encoded together
-    text_batch_size: int = 64            # captions encoded together
-    text_encoder: str | None = None      # overrides the text encoder the weight file's name implies
-    device: str | None = None
-    bf16: bool = False
-    cache_dir: str | None = None
-    use_cache: bool = True
-    max_failed: float = 0.01
-    progress: bool = True
-    trust: bool = False
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> ZeroShotOptions:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise M2DError(f'zeroshot: unknown option(s) {", ".join(unknown)} (known: {", ".join(sorted(names))})')
-        opts = cls(**options)
-        for name in ('batch_size', 'text_batch_size'):
-            if getattr(opts, name) < 1:
-                raise M2DError(f'--{name} {getattr(opts, name)}: must be at least 1')
-        if not 0 <= opts.max_failed <= 1:
-            raise M2DError(f'--max_failed {opts.max_failed}: expected a fraction between 0 and 1')
+        opts = cls.checked(options, 'zeroshot')
         if opts.fold is not None:
             opts.fold = str(opts.fold)
         return opts

@@ -6,7 +6,7 @@ Each point (length x precision x repeat) runs in a fresh subprocess that loads t
 the kernel's peak-RSS counter (``/proc/self/clear_refs``), encodes one synthesized 16-kHz mono WAV
 with `encode_files` (as ``m2d encode FILE --output DIR``) and reports: the peak resident memory
 while encoding (``VmHWM`` after the reset: the model, the audio blocks, one pass of windows), the
-process's peak over its whole life (``ru_maxrss``, loading the weights included) and the encode
+process's peak over its whole life (``VmHWM`` before the reset and at the end: loading the weights included) and the encode
 wall time; real-time factor = wall / audio duration. The weights are a randomly initialized ViT-Base
 of the release geometry (80x608, 16x16 patches, 768-d, 12 blocks) saved encoder-only; ``--model
 tiny`` (192-d, 12 blocks, 1/16 of the compute) checks the memory column at lengths a loaded
@@ -115,6 +115,7 @@ def child(args: argparse.Namespace) -> None:
     from m2d.runtime import RuntimeM2D
 
     runtime = RuntimeM2D(args.weights, bf16=args.bf16)
+    load_peak = _vm_hwm_mb()  # this process's own peak so far (ru_maxrss would include the parent's: see below)
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')  # VmHWM := current RSS
     loaded = _vm_hwm_mb()
@@ -124,8 +125,13 @@ def child(args: argparse.Namespace) -> None:
     if r.failed:
         raise SystemExit(f'failed: {r.failed}')
     shape = np.load(next(Path(args.out).glob('*.npy')), mmap_mode='r').shape
-    print(json.dumps({'rss_after_load_mb': loaded, 'peak_rss_encode_mb': _vm_hwm_mb(),
-                      'peak_rss_process_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    encode_peak = _vm_hwm_mb()
+    # The process peak is taken from VmHWM, not ru_maxrss: Linux carries the parent's peak across
+    # fork + exec into the child's ru_maxrss, which made every child report the driver's peak
+    # (2.4 GB after it had written a training checkpoint).
+    print(json.dumps({'rss_after_load_mb': loaded, 'peak_rss_load_mb': load_peak, 'peak_rss_encode_mb': encode_peak,
+                      'peak_rss_process_mb': max(load_peak, encode_peak),
+                      'ru_maxrss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       'wall_s': wall, 'shape': shape, 'threads': torch.get_num_threads()}))
 
 
@@ -174,7 +180,8 @@ def main() -> None:
                     f.unlink()
                 print(f'{args.model} {minutes:g} min {prec} run {k}: {run}', flush=True)
             med = {key: statistics.median(r[key] for r in runs)
-                   for key in ('rss_after_load_mb', 'peak_rss_encode_mb', 'peak_rss_process_mb', 'wall_s')}
+                   for key in ('rss_after_load_mb', 'peak_rss_load_mb', 'peak_rss_encode_mb', 'peak_rss_process_mb',
+                               'wall_s')}
             point = {'model': f'ViT-{args.model}', 'checkpoint': args.checkpoint, 'minutes': minutes, 'precision': prec, 'repeats': len(runs), **med,
                      'rtf': med['wall_s'] / (60 * minutes), 'runs': runs}
             results.append(point)

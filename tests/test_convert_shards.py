@@ -57,6 +57,11 @@ def test_shards_together_equal_one_run_byte_for_byte(fsdd_dir, tmp_path):
     assert main(['filelist', str(shared)]) == 0
     assert read_csv(shared / 'files.csv') == [{'file_name': r['file_name'].replace('one/', 'shared/', 1)}
                                               for r in read_csv(tmp_path / 'one' / 'files.csv')]
+    # redone with --overwrite (names whose key order differs from their name order: 'a.npy', 'a-1.npy'):
+    # the list names every output once
+    rows = read_csv(tmp_path / 'one' / 'files.csv')
+    assert convert(src, tmp_path / 'one', workers=0, progress=False, overwrite=True).converted == len(layout)
+    assert read_csv(tmp_path / 'one' / 'files.csv') == rows and len(rows) == len(layout)
     # a part again: everything of it skipped, nothing of the others touched
     again = convert(src, shared, workers=0, progress=False, shard='2/3')
     assert again.converted == 0 and again.skipped == sizes[2]

@@ -701,15 +701,15 @@ def finish(summary: Summary, plan: Plan, *, files_csv: Callable[..., Path] | Non
             elif path.exists():
                 path.unlink()  # the report of an earlier run whose failures are done now
         if plan.dest is not None and files_csv is not None:
-            done = (k + plan.out_suffix for k in summary.done_keys)
-            if plan.shard is not None:
-                names = _unique(heapq.merge((i.key + plan.out_suffix for i in plan.skipped), sorted(done)))
-                summary.files_csv = files_csv(plan.dest, csv=plan.dest / FILES_CSV_OF_SHARD.format(tag=plan.shard.tag),
-                                              names=names)
-            elif isinstance(plan.existing, set):
-                summary.files_csv = files_csv(plan.dest, names=plan.existing | set(done))
-            else:  # sorted, compact
-                summary.files_csv = files_csv(plan.dest, names=_unique(heapq.merge(plan.existing, sorted(done))))
+            suffix = plan.out_suffix
+            if isinstance(plan.existing, set):
+                names = plan.existing | {k + suffix for k in summary.done_keys}
+            else:  # in key order (the plan's stream order): merge by key, then drop repeats (redone outputs)
+                done = (k + suffix for k in sorted(summary.done_keys))
+                before = (i.key + suffix for i in plan.skipped) if plan.shard is not None else plan.existing
+                names = _unique(heapq.merge(before, done, key=lambda n: n[:len(n) - len(suffix)]))
+            csv_path = plan.dest / FILES_CSV_OF_SHARD.format(tag=plan.shard.tag) if plan.shard is not None else None
+            summary.files_csv = files_csv(plan.dest, csv=csv_path, names=names)
     finally:
         plan.release()
     summary.seconds = time.perf_counter() - plan.started

@@ -361,24 +361,25 @@ def _strip_suffix(rel: str) -> str:
 
 
 def _listed(root: Path, names: Iterable[str]) -> Iterator[tuple[str, str]]:
-    """(relative path, key) of a file list's paths (relative to `root`), sorted by key."""
-    rows = []
-    for n, text in enumerate(names, 1):
-        rel = str(text)
+    """(relative path, key) of a file list's paths (relative to `root`), sorted by key (then path).
+    Holds the paths once (no per-path tuple or key kept: keys are made again while yielding)."""
+    rels = [str(text) for text in names]
+    for n, rel in enumerate(rels):
         if rel.startswith(('/', './')) or '//' in rel or '/.' in rel or rel.startswith('..'):
-            rel = posixpath.normpath(rel)  # only the unusual ones: normpath is slow for millions
+            text, rel = rel, posixpath.normpath(rel)  # only the unusual ones: normpath is slow for millions
             if posixpath.isabs(rel):
                 try:
                     rel = Path(rel).relative_to(root).as_posix()
                 except ValueError:
-                    raise JobError(f'file list, entry {n} ({text}): an absolute path outside {root}; '
+                    raise JobError(f'file list, entry {n + 1} ({text}): an absolute path outside {root}; '
                                    'list paths relative to the source folder') from None
             if rel == '.' or rel == '..' or rel.startswith('../'):
-                raise JobError(f'file list, entry {n} ({text}): not a file under {root}')
-        rows.append((_strip_suffix(rel), rel))
-    rows.sort()
-    for key, rel in rows:
-        yield rel, key
+                raise JobError(f'file list, entry {n + 1} ({text}): not a file under {root}')
+            rels[n] = rel
+    rels.sort()
+    rels.sort(key=_strip_suffix)  # stable: paths with the same key stay in path order
+    for rel in rels:
+        yield rel, _strip_suffix(rel)
 
 
 class _Outputs:

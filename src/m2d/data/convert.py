@@ -170,10 +170,9 @@ def read_source_list(path: str | Path) -> list[str]:
         first = f.readline()
         f.seek(0)
         if 'file_name' in next(csv.reader([first]), []):
-            names = [row['file_name'] for row in csv.DictReader(f)]
+            names = [n for row in csv.DictReader(f) if (n := row['file_name']).strip()]
         else:
-            names = [line.rstrip('\r\n') for line in f]
-    names = [n for n in names if n.strip()]
+            names = [n for line in f if (n := line.rstrip('\r\n')).strip()]
     if not names:
         raise ConvertError(f'--files {path}: the list names no files')
     return names

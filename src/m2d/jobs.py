@@ -336,7 +336,7 @@ def _walk_sources(folder: Path, suffixes: tuple[str, ...], failed: list[tuple[st
                         failed.append((e.path, f'{e.path}: a folder named like an audio file'))
                     if not e.is_symlink():
                         entries.append((*_sort_key(e.name, True), True))
-                elif e.name.lower().endswith(suffixes) and not is_temporary(e.name):
+                elif e.name.lower().endswith(suffixes) and not (e.name[0] == '.' and is_temporary(e.name)):
                     entries.append((*_sort_key(e.name, False), False))
     except OSError as e:
         failed.append((str(folder), f'{folder}: cannot list ({e})'))
@@ -407,7 +407,7 @@ class _Outputs:
                         is_dir = False
                     if is_dir:
                         entries.append((*_sort_key(e.name, True), 'dir'))
-                    elif is_temporary(e.name):
+                    elif e.name[0] == '.' and is_temporary(e.name):
                         out = _temporary_output(e.name)
                         if out is not None and out.endswith(self.out_suffix):
                             entries.append((*_sort_key(out, False, len(self.out_suffix)), e.name))

@@ -192,3 +192,34 @@ def test_the_plan_of_many_files_is_compact_and_streams(tmp_path):
         assert item.src == src / (keys[3] + '.wav') and item.dst == tmp_path / 'out' / (keys[3] + '.npy')
     finally:
         p.release()
+
+
+def test_parts_running_at_once_into_one_folder(fsdd_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    n = 120
+    src = tmp_path / 'src'
+    link_fsdd(fsdd_dir, src, n)
+    dest = tmp_path / 'shared'
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / 'src'))
+    other = subprocess.Popen([sys.executable, '-m', 'm2d', 'convert', str(src), str(dest), '--shard', '1/2',
+                              '--workers', '1', '--min-seconds', '6.1', '--no-progress'], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(dest.glob('*.npy')) and other.poll() is None:
+            time.sleep(0.02)
+        assert other.poll() is None, 'part 1 ended before part 2 started'
+        here = convert(src, dest, workers=0, progress=False, shard='2/2', min_seconds=6.1)
+        out, _ = other.communicate(timeout=300)
+    finally:
+        if other.poll() is None:
+            other.kill()
+    assert other.returncode == 0, out
+    assert here.converted == n // 2 and not here.failed
+    whole = convert(src, tmp_path / 'one', workers=0, progress=False, min_seconds=6.1)
+    assert whole.converted == n
+    assert _outputs(dest) == _outputs(tmp_path / 'one')
+    assert not [p for p in dest.iterdir() if p.name.startswith('.')]  # no temporaries, no lock files

@@ -2,7 +2,9 @@
 
 `plan` pairs each source with its output (a key, the relative path without suffix, names both),
 reports duplicate outputs and missing inputs, skips outputs already present, removes the
-temporaries of a killed run and locks the destination folder. `run` reads ahead in threads,
+temporaries of a killed run and locks the destination folder. One folder (or a list of paths under
+it) is planned as a stream in sorted key order and held compactly (`ItemList`), so that millions of
+files cost tens of MB; `Shard` takes one part of that sorted list, for jobs split across machines. `run` reads ahead in threads,
 batches reads that share a key, transforms in this process and writes each output atomically
 (or, with `processes`, does all three per item in worker processes that may die without taking the
 run down). A failing item never stops the others: it becomes a line of `Summary.failed`. `finish`
@@ -71,8 +73,8 @@ class Shard:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.count, int) and isinstance(self.index, int) and 1 <= self.index <= self.count):
-            raise JobError(f'--shard {self.index}/{self.count}: K must be 1..N in K/N (parts are numbered from 1: '
-                           f'--shard 1/{max(1, self.count)} ... --shard {max(1, self.count)}/{max(1, self.count)})')
+            raise JobError(f'--shard {self.index}/{self.count}: K/N needs 1 <= K <= N (parts are numbered from 1: '
+                           '--shard 1/N ... --shard N/N)')
 
     @classmethod
     def parse(cls, text: str) -> Shard:
@@ -97,20 +99,19 @@ class Shard:
 
 
 class ItemList(Sequence[Item]):
-    """Items of a plan held compactly: each source's path relative to one of a few roots, UTF-8 bytes
-    back to back in one buffer (about 60 bytes per file instead of an `Item` with two `Path`s, ~1 KB).
-    An `Item` is made when one is read. The key is the relative path without its suffix."""
+    """Items of a plan held compactly: each source's path relative to `root`, UTF-8 bytes back to back
+    in one buffer and their end offsets in an array (about 60 bytes per file instead of an `Item` with
+    two `Path`s, ~1 KB). An `Item` is made when one is read; its key is the relative path without its
+    suffix."""
 
-    def __init__(self, roots: list[Path], dest: Path | None, out_suffix: str):
-        self.roots, self.dest, self.out_suffix = roots, dest, out_suffix
+    def __init__(self, root: Path, dest: Path | None, out_suffix: str):
+        self.root, self.dest, self.out_suffix = root, dest, out_suffix
         self._blob = bytearray()
         self._ends = array('q')
-        self._root = array('H')
 
-    def append(self, root: int, rel: str) -> None:
+    def append(self, rel: str) -> None:
         self._blob += rel.encode('utf-8', 'surrogateescape')
         self._ends.append(len(self._blob))
-        self._root.append(root)
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -123,7 +124,7 @@ class ItemList(Sequence[Item]):
         rel = self._blob[self._ends[i - 1] if i else 0:self._ends[i]].decode('utf-8', 'surrogateescape')
         key = _strip_suffix(rel)
         dst = self.dest / (key + self.out_suffix) if self.dest is not None else None
-        return Item(self.roots[self._root[i]] / rel, key, dst)
+        return Item(self.root / rel, key, dst)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -141,7 +142,7 @@ class ItemList(Sequence[Item]):
             start = end
 
     def nbytes(self) -> int:
-        return len(self._blob) + self._ends.itemsize * len(self._ends) + self._root.itemsize * len(self._root)
+        return len(self._blob) + self._ends.itemsize * len(self._ends)
 
 
 @dataclass
@@ -273,7 +274,7 @@ def _plan_stream(inputs, dest: Path | None, name: str, out_suffix: str, suffixes
         sources = _listed(root, names)
     else:
         sources = _walk_sources(root, suffixes, failed)
-    todo, skipped = ItemList([root], dest, out_suffix), ItemList([root], dest, out_suffix)
+    todo, skipped = ItemList(root, dest, out_suffix), ItemList(root, dest, out_suffix)
     p = Plan(name, todo, skipped, failed, dest, 0, out_suffix, started=started, shard=shard)
     outputs = None
     if dest is not None:
@@ -296,7 +297,7 @@ def _plan_stream(inputs, dest: Path | None, name: str, out_suffix: str, suffixes
             continue
         p.found += 1
         exists = outputs is not None and outputs.seek(key, remove_temporaries=True)
-        (skipped if exists and not overwrite else todo).append(0, rel)
+        (skipped if exists and not overwrite else todo).append(rel)
     if names is None and p.total == 0 and not any(f == str(root) for f, _ in failed):
         failed.append((str(root), f'{root}: no audio files ({", ".join(suffixes)}) in this folder'))
     if outputs is not None:

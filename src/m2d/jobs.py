@@ -4,10 +4,10 @@
 reports duplicate outputs and missing inputs, skips outputs already present, removes the
 temporaries of a killed run and locks the destination folder. One folder (or a list of paths under
 it) is planned as a stream in sorted key order and held compactly (`ItemList`), so that millions of
-files cost tens of MB; `Shard` takes one part of that sorted list, for jobs split across machines. `run` reads ahead in threads,
-batches reads that share a key, transforms in this process and writes each output atomically
-(or, with `processes`, does all three per item in worker processes that may die without taking the
-run down). A failing item never stops the others: it becomes a line of `Summary.failed`. `finish`
+files cost tens of MB; `Shard` takes one part of that sorted list, for jobs split across machines.
+`run` reads ahead in threads, batches reads that share a key, transforms in this process and
+writes each output atomically (or, with `processes`, does all three per item in worker processes
+that may die without taking the run down). A failing item never stops the others: it becomes a line of `Summary.failed`. `finish`
 writes ``DEST/<name>_failures.csv`` (and a file list with the writer the caller passes) and releases
 the lock.
 

@@ -1,9 +1,10 @@
 """`m2d convert`: audio files to log-mel spectrogram `.npy` files for pre-training.
 
 `SRC/a/b.wav` becomes `DEST/a/b.npy` holding float32 (or, with ``dtype='float16'``, the float32
-values cast to float16) ``[1, 80, T]`` (the layout of the reference's prepared folders); recordings longer than `_MAX_FRAMES` frames (5 min) are decoded, transformed and
-written block by block, so memory does not grow with their length. A job of `m2d.jobs`: files are converted in worker processes, each output is
-written under a temporary name and renamed, so an interrupted run leaves only whole files, and a
+values cast to float16) ``[1, 80, T]`` (the layout of the reference's prepared folders); recordings
+longer than `_MAX_FRAMES` frames (5 min) are decoded, transformed and written block by block, so
+memory does not grow with their length. A job of `m2d.jobs`: files are converted in worker
+processes, each output is written under a temporary name and renamed, so an interrupted run leaves only whole files, and a
 rerun skips what exists, removes the temporaries of the interrupted run and converts the rest. Files
 that cannot be converted are reported (summary and `DEST/convert_failures.csv`) and never stop the run.
 

@@ -536,3 +536,63 @@ def test_args_with_numpy_and_paths_load_without_trust(tmp_path, layout):
     torch.save({'model': sd, 'epoch': 300, 'args': args}, path)
     ckpt = load_checkpoint(path)
     assert ckpt.meta['args'].crop == 608 and ckpt.meta['args'].output_dir == Path('/tmp/out')
+
+
+# ---------------------------------------------------------------------------------------------
+# memory-mapped loading
+
+
+def _training_file(path: Path, sd) -> Path:
+    """A training checkpoint as `m2d pretrain` writes it: weights plus AdamW moments and run state."""
+    online = {k: v for k, v in sd.items() if _part(k) in ('encoder', 'decoder')}
+    state = {i: {'step': torch.tensor(5.0), 'exp_avg': 1e-3 * v, 'exp_avg_sq': 1e-6 * v.square()}
+             for i, v in enumerate(online.values())}
+    optimizer = {'state': state, 'param_groups': [{'lr': 1e-4, 'params': list(state)}]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({'model': sd, 'optimizer': optimizer, 'scaler': {}, 'epoch': 3, 'step': 30, 'iter_in_epoch': 0,
+                'args': argparse.Namespace(model='m2d_vit_base')}, path)
+    return path
+
+
+def test_mmap_load_equals_reading_the_file_and_leaks_no_map(tmp_path, layout, wav):
+    from m2d.checkpoint import save_checkpoint
+
+    sd = make_sd(layout, G608)
+    path = _training_file(tmp_path / 'm2d_vit_base-80x608p16x16-221006-mr7' / 'checkpoint-last.pth', sd)
+    before = path.read_bytes()
+    mapped = load_checkpoint(path)
+    read = load_checkpoint(path, mmap=False)
+    assert 'optimizer' not in mapped.meta and mapped.meta['epoch'] == 3
+    assert sorted(mapped.encoder) == sorted(read.encoder)
+    assert all(torch.equal(mapped.encoder[k], read.encoder[k]) for k in read.encoder)
+    rt = RuntimeM2D(checkpoint=mapped)
+    expected = RuntimeM2D(checkpoint=read).encode(wav)
+    assert torch.equal(rt.encode(wav), expected)  # bit-identical to reading the whole file
+    assert close(expected, ref_features(sd, normalized(rt, wav, (-8.1, 4.3)), G608))
+
+    # the module holds copies: writing into the mapped tensors changes neither the module nor the file
+    for v in mapped.encoder.values():
+        v.add_(1.0)
+    assert torch.equal(rt.encode(wav), expected)
+    assert path.read_bytes() == before
+    # writing into the module changes neither the file nor a fresh load
+    with torch.no_grad():
+        for p in rt.backbone.parameters():
+            p.mul_(0.5)
+    assert path.read_bytes() == before
+    assert torch.equal(RuntimeM2D(path).encode(wav), expected)
+
+    # a file replaced (atomically, by rename) while mapped: the map keeps the old contents
+    kept = load_checkpoint(path)
+    save_checkpoint({'model': make_sd(layout, G608, seed=5), 'epoch': 4}, path)
+    assert torch.equal(RuntimeM2D(checkpoint=kept).encode(wav), expected)
+    assert not torch.equal(RuntimeM2D(path).encode(wav), expected)
+
+
+def test_legacy_non_zip_file_loads_without_mmap(tmp_path, layout, wav):
+    sd = make_sd(layout, G608, parts=('encoder', 'norm_stats'))
+    path = tmp_path / 'm2d_vit_base-80x608p16x16-221006-mr7' / 'checkpoint-300.pth'
+    path.parent.mkdir(parents=True)
+    torch.save({'model': sd, 'epoch': 300}, path, _use_new_zipfile_serialization=False)
+    rt = RuntimeM2D(path)
+    assert torch.equal(rt.encode(wav), RuntimeM2D(checkpoint=load_checkpoint(path, mmap=False)).encode(wav))

@@ -92,3 +92,59 @@ def test_filelist_command_skips_temporaries(tmp_path, capsys):
     assert main(['filelist', str(tmp_path / 'lms_a'), '--csv', str(tmp_path / 'list.csv')]) == 0
     assert (tmp_path / 'list.csv').read_text().splitlines() == lines
     assert '3 files' in capsys.readouterr().out
+
+
+def _varied(folder, n_files=120, seed=0):
+    """Files that differ as real ones do: per-file loudness offsets and lengths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for i in range(n_files):
+        t = int(rng.integers(5, 60))
+        a = (-10 + rng.normal(0, 1.5) + rng.uniform(2, 5) * rng.standard_normal((1, 80, t))).astype(np.float32)
+        np.save(folder / f'{i:03d}.npy', a)
+        arrays.append(a)
+    return np.concatenate([a.ravel() for a in arrays]).astype(np.float64)
+
+
+def test_sampled_stats_are_within_their_standard_errors_of_all(tmp_path):
+    allv = _varied(tmp_path / 'lms')
+    full = lms_stats(tmp_path / 'lms', max_files=None, progress=False)  # --all: the exact values, as before
+    assert full['files'] == full['files_total'] == 120 and full['sample'] == 'all 120 files'
+    assert full['mean'] == pytest.approx(allv.mean(), rel=1e-10)
+    assert full['std'] == pytest.approx(allv.std(ddof=1), rel=1e-9)
+    assert 'mean_se' not in full
+    within3, errors = 0, []
+    for seed in range(40):
+        s = lms_stats(tmp_path / 'lms', max_files=30, seed=seed, progress=False)
+        assert s['files'] == 30 and s['files_total'] == 120
+        assert s['sample'] == f'random sample of 30 of 120 files (seed {seed}); --all reads every file'
+        dm, ds = abs(s['mean'] - full['mean']), abs(s['std'] - full['std'])
+        assert 0 < s['mean_se'] < 1 and 0 < s['std_se'] < 1
+        assert dm <= 4.5 * s['mean_se'] and ds <= 4.5 * s['std_se']  # never far outside the stated error
+        within3 += dm <= 3 * s['mean_se'] and ds <= 3 * s['std_se']
+        errors.append(dm)
+    assert within3 >= 36  # measured: 98-99 % of seeds within 3 standard errors (benchmarks/stats_sample.py)
+    assert max(errors) > 0.01  # the samples differ: the check above is not vacuous
+    # the default sample: seeded, the same files (and values) for the same seed
+    assert lms_stats(tmp_path / 'lms', max_files=30, seed=7, progress=False) == \
+        lms_stats(tmp_path / 'lms', max_files=30, seed=7, progress=False)
+
+
+def test_cli_samples_by_default_and_all_reads_every_file(tmp_path, capsys, monkeypatch):
+    import m2d.data.stats as stats_mod
+
+    allv = _varied(tmp_path / 'lms', n_files=50)
+    monkeypatch.setattr(stats_mod, 'SAMPLE_FILES', 20)  # the default the command uses (10,000 in use)
+    assert main(['stats', str(tmp_path / 'lms'), '--no-progress']) == 0
+    sampled = json.loads(capsys.readouterr().out)
+    assert sampled['files'] == 20 and sampled['files_total'] == 50 and sampled['max_files'] == 20
+    assert sampled['sample'].startswith('random sample of 20 of 50 files (seed 0)')
+    assert main(['stats', str(tmp_path / 'lms'), '--all', '--no-progress']) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert exact['files'] == 50 and exact['sample'] == 'all 50 files' and exact['max_files'] is None
+    assert exact['mean'] == pytest.approx(allv.mean(), rel=1e-10)
+    assert exact['std'] == pytest.approx(allv.std(ddof=1), rel=1e-9)
+    assert main(['stats', str(tmp_path / 'lms'), '--max_files', '0', '--no-progress']) == 2
+    with pytest.raises(SystemExit):
+        main(['stats', str(tmp_path / 'lms'), '--all', '--max_files', '5'])

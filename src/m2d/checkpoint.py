@@ -8,6 +8,13 @@ M2D-CLAP (``audio_proj``/``text_proj``/``logit_scale``), and safetensors exports
 Loading never runs code from the file: pickles go through ``torch.load(weights_only=True)`` with
 only ``argparse.Namespace`` and plain data (numpy scalars/arrays/dtypes, paths) allow-listed; anything
 else needs an explicit ``trust=True``.
+
+`load_checkpoint` maps the file instead of reading it (``torch.load(mmap=True)``; safetensors maps
+by design): a tensor's bytes are read from disk when it is first used, so the decoder, the EMA target
+and the optimizer state of a training checkpoint are never read at all. The map is private
+(copy-on-write: writing into a loaded tensor never reaches the file) and stays valid when the file
+is replaced by rename, as every writer here does. Modules take copies (``load_state_dict`` copies),
+so the map is released with the `Checkpoint`.
 """
 
 from __future__ import annotations
@@ -125,14 +132,32 @@ def _unsafe_reason(message: str) -> str | None:
     return f'the safe loader does not support it: {m[0]}' if m else 'it needs more than tensors and argparse.Namespace'
 
 
-def torch_load(path: str | Path, trust: bool = False) -> Any:
-    """``torch.load`` on CPU that refuses to run code unless `trust` is set."""
+def _load(path: Path, weights_only: bool, mmap: bool) -> Any:
+    """``torch.load`` on CPU; `mmap` falls back to reading the file when it is in the legacy
+    (pre-1.6, non-zip) format, which cannot be mapped."""
+    if mmap:
+        try:
+            return torch.load(path, map_location='cpu', weights_only=weights_only, mmap=True)
+        except RuntimeError as e:
+            if 'mmap' not in str(e) or 'zipfile' not in str(e):
+                raise
+            log.debug('%s: a legacy torch file; read whole (no mmap)', path)
+    return torch.load(path, map_location='cpu', weights_only=weights_only)
+
+
+def torch_load(path: str | Path, trust: bool = False, mmap: bool = False) -> Any:
+    """``torch.load`` on CPU that refuses to run code unless `trust` is set.
+
+    mmap: map the file (tensors are read from disk when first used; the map is private, so writing
+    into a tensor never changes the file). Leave it off for state that is updated in place for long
+    (optimizer moments): each written page becomes a private copy anyway.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{path}: no such weight file')
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return _load(path, True, mmap)
     except Exception as e:  # torch raises many types for files that are not its own (KeyError, EOFError, ...)
         reason = _unsafe_reason(str(e)) if isinstance(e, pickle.UnpicklingError) else None
         if reason is None:
@@ -145,7 +170,7 @@ def torch_load(path: str | Path, trust: bool = False) -> Any:
             'load it only if you trust its source, with trust=True (CLI: --trust).')
     log.warning('%s: loading with weights_only=False because trust=True', path)
     try:
-        return torch.load(path, map_location='cpu', weights_only=False)
+        return _load(path, False, mmap)
     except Exception as e:
         raise CheckpointError(f'{path}: could not load the file even with trust=True ({type(e).__name__}: {e})') from None
 
@@ -161,13 +186,19 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from None
 
 
-def read_state_dict(path: str | Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The flat state dict of any supported file, plus metadata (epoch, args, safetensors metadata)."""
+def read_state_dict(path: str | Path, trust: bool = False, mmap: bool = True
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The flat state dict of any supported file, plus metadata (epoch, args, safetensors metadata).
+
+    mmap: the tensors of a ``.pth`` are views of a private map of the file (see `torch_load`): only
+    the tensors used are ever read, and the optimizer state or anything else beside the weights is
+    dropped unread. Copy them into modules (``load_state_dict`` does).
+    """
     path = Path(path)
     if path.suffix == '.safetensors':
         sd, meta = read_safetensors(path)
         return sd, {'metadata': meta}
-    obj = torch_load(path, trust=trust)
+    obj = torch_load(path, trust=trust, mmap=mmap)
     if not isinstance(obj, dict):
         raise CheckpointError(f'{path}: expected a state dict or {{"model": state_dict}}, got {type(obj).__name__}')
     meta = {k: v for k, v in obj.items() if not isinstance(v, (dict, torch.Tensor))}
@@ -276,10 +307,15 @@ class Checkpoint:
         return 'norm_stats' in self.state_dict
 
 
-def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
-    """Read and check any released M2D weight file (or one of ours)."""
+def load_checkpoint(path: str | Path, trust: bool = False, mmap: bool = True) -> Checkpoint:
+    """Read and check any released M2D weight file (or one of ours).
+
+    mmap (default): the tensors are views of a private map of the file, read from disk when first
+    used; what encoding does not use (decoder, EMA target, optimizer state) is never read. Copy
+    them into a module (``load_state_dict``) rather than keeping them as parameters.
+    """
     path = Path(path)
-    sd, meta = read_state_dict(path, trust=trust)
+    sd, meta = read_state_dict(path, trust=trust, mmap=mmap)
     sd = normalize_keys(sd)
     st_meta = meta.get('metadata', {})
     m2d_name = st_meta.get('m2d_name') or meta.get('m2d_name')  # safetensors metadata, or a key of a fine-tuned .pth

@@ -2,10 +2,12 @@
 
 `plan` pairs each source with its output (a key, the relative path without suffix, names both),
 reports duplicate outputs and missing inputs, skips outputs already present, removes the
-temporaries of a killed run and locks the destination folder. `run` reads ahead in threads,
-batches reads that share a key, transforms in this process and writes each output atomically
-(or, with `processes`, does all three per item in worker processes that may die without taking the
-run down). A failing item never stops the others: it becomes a line of `Summary.failed`. `finish`
+temporaries of a killed run and locks the destination folder. One folder (or a list of paths under
+it) is planned as a stream in sorted key order and held compactly (`ItemList`), so that millions of
+files cost tens of MB; `Shard` takes one part of that sorted list, for jobs split across machines.
+`run` reads ahead in threads, batches reads that share a key, transforms in this process and
+writes each output atomically (or, with `processes`, does all three per item in worker processes
+that may die without taking the run down). A failing item never stops the others: it becomes a line of `Summary.failed`. `finish`
 writes ``DEST/<name>_failures.csv`` (and a file list with the writer the caller passes) and releases
 the lock.
 
@@ -21,13 +23,16 @@ from __future__ import annotations
 
 import csv
 import glob
+import heapq
 import logging
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
+import posixpath
 import time
+from array import array
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -41,6 +46,7 @@ from .fileio import atomic_path, is_temporary
 log = logging.getLogger(__name__)
 
 LOCK_NAME = '.m2d-job.lock'
+FILES_CSV_OF_SHARD = 'files.{tag}.csv'  # the outputs of one part of a sharded job
 
 
 class JobError(M2DError):
@@ -56,21 +62,106 @@ class Item:
     dst: Path | None  # the output file (None when results are collected in memory)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Part `index` (1-based) of `count` of a job's sorted source list, taken round-robin: the source
+    at position i (0-based) of the sorted list belongs to part ``i % count + 1``. The parts together
+    are the whole list, each file in exactly one part, and their sizes differ by at most one."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.count, int) and isinstance(self.index, int) and 1 <= self.index <= self.count):
+            raise JobError(f'--shard {self.index}/{self.count}: K/N needs 1 <= K <= N (parts are numbered from 1: '
+                           '--shard 1/N ... --shard N/N)')
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``'K/N'`` -> Shard(K, N); a `JobError` naming the value otherwise."""
+        parts = str(text).strip().split('/')
+        try:
+            k, n = (int(x) for x in parts)
+        except ValueError:
+            raise JobError(f'--shard {text!r}: expected K/N with whole numbers 1 <= K <= N, e.g. --shard 2/8') from None
+        return cls(k, n)
+
+    @property
+    def tag(self) -> str:
+        """``shard-K-of-N``: the part's name in its lock and list files."""
+        return f'shard-{self.index}-of-{self.count}'
+
+    def owns(self, position: int) -> bool:
+        return position % self.count == self.index - 1
+
+    def __str__(self) -> str:
+        return f'{self.index}/{self.count}'
+
+
+class ItemList(Sequence[Item]):
+    """Items of a plan held compactly: each source's path relative to `root`, UTF-8 bytes back to back
+    in one buffer and their end offsets in an array (about 60 bytes per file instead of an `Item` with
+    two `Path`s, ~1 KB). An `Item` is made when one is read; its key is the relative path without its
+    suffix."""
+
+    def __init__(self, root: Path, dest: Path | None, out_suffix: str):
+        self.root, self.dest, self.out_suffix = root, dest, out_suffix
+        self._blob = bytearray()
+        self._ends = array('q')
+
+    def append(self, rel: str) -> None:
+        self._blob += rel.encode('utf-8', 'surrogateescape')
+        self._ends.append(len(self._blob))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def _one(self, i: int) -> Item:
+        if i < 0:
+            i += len(self._ends)
+        if not 0 <= i < len(self._ends):
+            raise IndexError(f'item {i} of {len(self._ends)}')
+        rel = self._blob[self._ends[i - 1] if i else 0:self._ends[i]].decode('utf-8', 'surrogateescape')
+        key = _strip_suffix(rel)
+        dst = self.dest / (key + self.out_suffix) if self.dest is not None else None
+        return Item(self.root / rel, key, dst)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._one(j) for j in range(*i.indices(len(self)))]
+        return self._one(i)
+
+    def __iter__(self) -> Iterator[Item]:
+        return (self._one(i) for i in range(len(self)))
+
+    def keys(self) -> Iterator[str]:
+        """The keys, without making Items."""
+        start = 0
+        for end in self._ends:
+            yield _strip_suffix(self._blob[start:end].decode('utf-8', 'surrogateescape'))
+            start = end
+
+    def nbytes(self) -> int:
+        return len(self._blob) + self._ends.itemsize * len(self._ends)
+
+
 @dataclass
 class Plan:
     """Source -> output pairs of one job (from `plan`)."""
 
     name: str  # 'convert', 'encode', 'teacher', 'embed', ... (messages, CSV names)
-    todo: list[Item]
-    skipped: list[Item]  # outputs already present (not overwrite)
+    todo: Sequence[Item]
+    skipped: Sequence[Item]  # outputs already present (not overwrite)
     failed: list[tuple[str, str]]  # (path, reason): missing inputs, duplicate outputs, folders named like audio
     dest: Path | None
-    found: int  # sources found
+    found: int  # sources found (of this shard, with one)
     out_suffix: str = '.npy'
-    existing: set[str] = field(default_factory=set)  # outputs under dest before the run (relative names)
+    existing: Collection[str] = field(default_factory=set)  # outputs under dest before the run (relative names)
     removed_temporaries: int = 0  # leftovers of a killed run removed from dest
     started: float = field(default_factory=time.perf_counter)
     lock: _DestLock | None = field(default=None, repr=False)
+    shard: Shard | None = None
+    total: int = 0  # sources found in all shards
 
     def release(self) -> None:
         """Release the lock on `dest` (also done by `finish`, and by `run` when it raises)."""
@@ -113,22 +204,38 @@ class Summary:
 
 def plan(inputs: str | Path | Iterable[str | Path] | None, dest: str | Path | None = None, *, name: str,
          out_suffix: str = '.npy', suffixes: Sequence[str] = AUDIO_SUFFIXES, overwrite: bool = False,
-         items: Sequence[tuple[str | Path, str]] | None = None) -> Plan:
+         items: Sequence[tuple[str | Path, str]] | None = None, names: Iterable[str] | None = None,
+         shard: Shard | None = None) -> Plan:
     """Source -> output pairs.
 
     `inputs`: files or folders (recursive; a folder's files are keyed by their path relative to it, a
-    file by its name). `items`: explicit (source, key) pairs instead of scanning. A key two sources
+    file by its name). `names`: paths relative to the one folder `inputs` names, instead of scanning it
+    (a `--files` list). `items`: explicit (source, key) pairs instead of scanning. A key two sources
     share is a failure for the second one. With `dest`: dst = dest/key+out_suffix, existing outputs
     are skipped unless `overwrite`, temporaries left by a killed run are removed, and a lock on `dest`
     is taken (released by `finish`); a second job writing into the same `dest` raises `JobError`.
+
+    `shard`: only the sources of that part of the sorted list (`Shard`); parts of one job may run at
+    once into one `dest` (each locks its part; a job without `shard` excludes them all), and each
+    removes only the temporaries of its own outputs.
+
+    One folder or a `names` list is planned as a stream in sorted key order: a folder is walked one
+    directory at a time (entries sorted so that the walk yields keys in sorted order), existing
+    outputs are found by walking `dest` in the same order alongside, and the plan holds its items
+    compactly (`ItemList`).
     """
     started = time.perf_counter()
     suffixes = tuple(('.' + s.lstrip('.')).lower() for s in suffixes)
+    dest = Path(dest) if dest is not None else None
+    if names is not None or _one_folder(inputs):
+        return _plan_stream(inputs, dest, name, out_suffix, suffixes, overwrite, names, shard, started)
+    if shard is not None:
+        raise JobError(f'{name}: --shard needs one source folder or a file list')
     if items is not None:
         pairs, failed = [(Path(src), str(key)) for src, key in items], []
     else:
         pairs, failed = _scan(inputs, suffixes)
-    p = Plan(name, [], [], failed, Path(dest) if dest is not None else None, len(pairs), out_suffix, started=started)
+    p = Plan(name, [], [], failed, dest, len(pairs), out_suffix, started=started, total=len(pairs))
     if p.dest is not None:
         p.dest.mkdir(parents=True, exist_ok=True)
         p.lock = _DestLock(p.dest, name)  # before touching the folder: its temporaries may be another job's
@@ -146,6 +253,241 @@ def plan(inputs: str | Path | Iterable[str | Path] | None, dest: str | Path | No
         (p.skipped if out in p.existing and not overwrite else p.todo).append(item)
     log.info('%s: %d files, %d to do, %d already done', name, p.found, len(p.todo), len(p.skipped))
     return p
+
+
+def _one_folder(inputs) -> bool:
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    elif inputs is None or not isinstance(inputs, Sequence):
+        return False
+    return len(inputs) == 1 and Path(inputs[0]).is_dir()
+
+
+def _plan_stream(inputs, dest: Path | None, name: str, out_suffix: str, suffixes: tuple[str, ...], overwrite: bool,
+                 names: Iterable[str] | None, shard: Shard | None, started: float) -> Plan:
+    """`plan` of one folder (walked) or of `names` under it, in sorted key order, held compactly."""
+    root = Path(inputs[0] if isinstance(inputs, Sequence) and not isinstance(inputs, str) else inputs)
+    failed: list[tuple[str, str]] = []
+    if names is not None:
+        if not root.is_dir():
+            raise JobError(f'{root}: no such folder (the paths of a file list are relative to it)')
+        sources = _listed(root, names)
+    else:
+        sources = _walk_sources(root, suffixes, failed)
+    todo, skipped = ItemList(root, dest, out_suffix), ItemList(root, dest, out_suffix)
+    p = Plan(name, todo, skipped, failed, dest, 0, out_suffix, started=started, shard=shard)
+    outputs = None
+    if dest is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+        p.lock = _DestLock(dest, name, shard)  # before touching the folder: its temporaries may be another job's
+        outputs = _Outputs(dest, out_suffix, remove_all_temporaries=shard is None)
+        p.existing = outputs.names
+    prev_key, prev_src = None, None
+    for position, (rel, key) in enumerate(sources):
+        p.total += 1
+        mine = shard is None or shard.owns(position)
+        if key == prev_key:  # sorted: a shared output is next to its first owner, whatever part that is in
+            if mine:
+                p.found += 1
+                src = root / rel
+                p.failed.append((str(src), f'{src}: same output {key + out_suffix} as {root / prev_src}; not done'))
+            continue
+        prev_key, prev_src = key, rel
+        if not mine:
+            continue
+        p.found += 1
+        exists = outputs is not None and outputs.seek(key, remove_temporaries=True)
+        (skipped if exists and not overwrite else todo).append(rel)
+    if names is None and p.total == 0 and not any(f == str(root) for f, _ in failed):
+        failed.append((str(root), f'{root}: no audio files ({", ".join(suffixes)}) in this folder'))
+    if outputs is not None:
+        outputs.drain()
+        p.removed_temporaries = outputs.removed
+        if p.removed_temporaries:
+            log.info('%s: removed %d temporary files left by an interrupted run', dest, p.removed_temporaries)
+    log.info('%s%s: %d files%s, %d to do, %d already done (plan: %.1f s, %.0f MB of items)', name,
+             f' part {shard}' if shard else '', p.found, f' of {p.total}' if shard else '', len(todo), len(skipped),
+             time.perf_counter() - started, (todo.nbytes() + skipped.nbytes()) / 1e6)
+    return p
+
+
+def _sort_key(name: str, is_dir: bool, suffix_len: int = -1) -> tuple[str, str]:
+    """Order of a folder's entries that makes a depth-first walk yield keys (relative paths without
+    suffix) in sorted order: a file sorts by its key part, a folder by its name + '/'."""
+    if is_dir:
+        return name + '/', name
+    return (_strip_suffix(name) if suffix_len < 0 else name[:len(name) - suffix_len]), name
+
+
+def _walk_sources(folder: Path, suffixes: tuple[str, ...], failed: list[tuple[str, str]],
+                  rel: str = '') -> Iterator[tuple[str, str]]:
+    """(relative path, key) of the audio files under `folder`, in sorted key order, holding one listing
+    per folder level (symlinked folders are not followed, as `os.walk`); folders named like audio
+    files are failures."""
+    entries = []
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                try:
+                    is_dir = e.is_dir()
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    if e.name.lower().endswith(suffixes):
+                        failed.append((e.path, f'{e.path}: a folder named like an audio file'))
+                    if not e.is_symlink():
+                        entries.append((*_sort_key(e.name, True), True))
+                elif e.name.lower().endswith(suffixes) and not (e.name[0] == '.' and is_temporary(e.name)):
+                    entries.append((*_sort_key(e.name, False), False))
+    except OSError as e:
+        failed.append((str(folder), f'{folder}: cannot list ({e})'))
+        return
+    entries.sort()
+    for sort_key, name, is_dir in entries:
+        if is_dir:
+            yield from _walk_sources(folder / name, suffixes, failed, f'{rel}{name}/')
+        else:
+            yield f'{rel}{name}', f'{rel}{sort_key}'
+
+
+def _strip_suffix(rel: str) -> str:
+    """`rel` without the suffix of its last part (as ``posixpath.splitext``, faster)."""
+    dot = rel.rfind('.')
+    if dot <= rel.rfind('/') + 1:  # no dot in the name, or only a leading one
+        return rel
+    start = rel.rfind('/') + 1
+    while start < dot and rel[start] == '.':  # '..x' has no suffix either, as splitext says
+        start += 1
+    return rel[:dot] if start < dot else rel
+
+
+def _listed(root: Path, names: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(relative path, key) of a file list's paths (relative to `root`), sorted by key (then path).
+    Holds the paths once (no per-path tuple or key kept: keys are made again while yielding)."""
+    rels = [str(text) for text in names]
+    for n, rel in enumerate(rels):
+        if rel.startswith(('/', './')) or '//' in rel or '/.' in rel or rel.startswith('..'):
+            text, rel = rel, posixpath.normpath(rel)  # only the unusual ones: normpath is slow for millions
+            if posixpath.isabs(rel):
+                try:
+                    rel = Path(rel).relative_to(root).as_posix()
+                except ValueError:
+                    raise JobError(f'file list, entry {n + 1} ({text}): an absolute path outside {root}; '
+                                   'list paths relative to the source folder') from None
+            if rel == '.' or rel == '..' or rel.startswith('../'):
+                raise JobError(f'file list, entry {n + 1} ({text}): not a file under {root}')
+            rels[n] = rel
+    rels.sort()
+    rels.sort(key=_strip_suffix)  # stable: paths with the same key stay in path order
+    for rel in rels:
+        yield rel, _strip_suffix(rel)
+
+
+class _Outputs:
+    """The outputs already under `dest`, walked in the sources' sorted key order so that `seek` (called
+    with non-decreasing keys) tells whether one exists without holding them all in a set. Temporary
+    files of killed writes are removed: all of them (a job without shard, once it holds the lock), or
+    (a shard) those of the outputs `seek` is asked about, which are that shard's own."""
+
+    def __init__(self, dest: Path, out_suffix: str, remove_all_temporaries: bool):
+        self.dest, self.out_suffix, self.remove_all = dest, out_suffix, remove_all_temporaries
+        self.names = _NameList()  # outputs found (relative names, sorted), for the file list
+        self.removed = 0
+        self._it = self._walk('', dest)
+        self._head: tuple[str, str, Path | None] | None = next(self._it, None)
+
+    def _walk(self, rel: str, folder: Path) -> Iterator[tuple[str, str, Path | None]]:
+        """(key, output name, temporary file or None) in sorted key order."""
+        entries = []
+        try:
+            with os.scandir(folder) as it:
+                for e in it:
+                    try:
+                        is_dir = e.is_dir() and not e.is_symlink()
+                    except OSError:
+                        is_dir = False
+                    if is_dir:
+                        entries.append((*_sort_key(e.name, True), 'dir'))
+                    elif e.name[0] == '.' and is_temporary(e.name):
+                        out = _temporary_output(e.name)
+                        if out is not None and out.endswith(self.out_suffix):
+                            entries.append((*_sort_key(out, False, len(self.out_suffix)), e.name))
+                        elif self.remove_all:
+                            self._remove(folder / e.name)
+                    elif e.name.endswith(self.out_suffix):
+                        entries.append((*_sort_key(e.name, False, len(self.out_suffix)), ''))
+        except OSError as e:
+            log.warning('%s: cannot list (%s)', folder, e)
+            return
+        entries.sort()
+        for sort_key, name, kind in entries:
+            if kind == 'dir':
+                yield from self._walk(f'{rel}{name}/', folder / name)
+            else:
+                yield f'{rel}{sort_key}', f'{rel}{name}', (folder / kind if kind else None)
+
+    def _remove(self, path: Path) -> None:
+        try:
+            path.unlink()
+            self.removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning('cannot remove the leftover %s: %s', path, e)
+
+    def _pop(self, remove: bool) -> None:
+        key, name, tmp = self._head
+        if tmp is None:
+            self.names.append(name)
+        elif remove:
+            self._remove(tmp)
+        self._head = next(self._it, None)
+
+    def seek(self, key: str, remove_temporaries: bool = False) -> bool:
+        """Whether the output of `key` exists; walks past the smaller keys (removing their temporaries
+        when every temporary is ours) and removes `key`'s own temporaries."""
+        while self._head is not None and self._head[0] < key:
+            self._pop(self.remove_all)
+        exists = False
+        while self._head is not None and self._head[0] == key:
+            exists |= self._head[2] is None
+            self._pop(remove_temporaries or self.remove_all)
+        return exists
+
+    def drain(self) -> None:
+        while self._head is not None:
+            self._pop(self.remove_all)
+
+
+def _temporary_output(name: str) -> str | None:
+    """The output a temporary file of `fileio.atomic_path` (``.NAME.XXXXXXXX.tmpSUFFIX``) or of
+    `streaming.save_time_last` (``.NAME.XXXXXXXX.tmp.frames``) was written for."""
+    body = name[1:name.rfind('.tmp')]
+    out, dot, _ = body.rpartition('.')
+    return out if dot and out else None
+
+
+class _NameList(Collection[str]):
+    """Sorted names held compactly (one buffer), for the file list a job writes at the end."""
+
+    def __init__(self):
+        self._blob, self._ends = bytearray(), array('q')
+
+    def append(self, name: str) -> None:
+        self._blob += os.fsencode(name)
+        self._ends.append(len(self._blob))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __iter__(self) -> Iterator[str]:
+        start = 0
+        for end in self._ends:
+            yield os.fsdecode(bytes(self._blob[start:end]))
+            start = end
+
+    def __contains__(self, name) -> bool:
+        return any(n == name for n in self)
 
 
 def _scan(inputs, suffixes: tuple[str, ...]) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
@@ -194,40 +536,83 @@ def _scan_outputs(dest: Path, out_suffix: str) -> tuple[set[str], int]:
 
 class _DestLock:
     """An exclusive ``flock`` on ``DEST/.m2d-job.lock`` holding the owner's pid; the file is removed on
-    release. (The lock file is the one file not written through `atomic_path`: it must stay open.)"""
+    release. A part of a sharded job takes that lock shared instead (parts run together; a job
+    without shard excludes them all, and they it) plus an exclusive lock on its own
+    ``DEST/.m2d-job.shard-K-of-N.lock``. (Lock files are the files not written through
+    `atomic_path`: they must stay open.)"""
 
-    def __init__(self, folder: Path, name: str):
-        self.path, self.fd = folder / LOCK_NAME, None
+    def __init__(self, folder: Path, name: str, shard: Shard | None = None):
+        self.folder, self.fd, self.part, self.part_fd = folder, None, None, None
+        self.path = folder / LOCK_NAME
         try:
             import fcntl
         except ImportError:  # Windows: no lock
             return
+        if shard is None:
+            self.fd = self._take(self.path, fcntl.LOCK_EX, name, lambda holder: (
+                f'{folder}: another job is writing into this folder ({holder}); '
+                'wait for it to end or choose another output folder'))
+            return
+        self.fd = self._take(self.path, fcntl.LOCK_SH, None, lambda holder: (
+            f'{folder}: another job (not a --shard part) is writing into this folder ({holder}); '
+            'wait for it to end'))
+        if self.fd is None:
+            return
+        self.part = folder / LOCK_NAME.replace('.lock', f'.{shard.tag}.lock')
+        try:
+            self.part_fd = self._take(self.part, fcntl.LOCK_EX, name, lambda holder: (
+                f'{folder}: part {shard} is already being done by another job ({holder}); '
+                'each --shard K/N must run once at a time'))
+        except BaseException:
+            os.close(self.fd)
+            self.fd = None
+            raise
+
+    def _take(self, path: Path, mode: int, name: str | None, message: Callable[[str], str]) -> int | None:
+        """An open descriptor of `path` locked in `mode` (the file that is there now, not one another
+        holder removed meanwhile), with 'pid P, m2d NAME' written when `name` is given; None when the
+        file system cannot lock."""
+        import fcntl
+
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.read(fd, 200).decode(errors='replace').strip() or 'unknown'
+                holder = os.read(fd, 200).decode(errors='replace').strip() or 'parts of a --shard job'
                 os.close(fd)
-                raise JobError(f'{folder}: another job is writing into this folder ({holder}); '
-                               'wait for it to end or choose another output folder') from None
+                raise JobError(message(holder)) from None
             except OSError as e:  # some network file systems have no flock
-                log.warning('%s: cannot lock (%s); make sure no other job writes there', folder, e)
+                log.warning('%s: cannot lock (%s); make sure no other job writes there', self.folder, e)
                 os.close(fd)
-                return
+                return None
             try:  # the holder we waited for may have removed the file: lock the one that is there now
-                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
                     break
             except FileNotFoundError:
                 pass
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f'pid {os.getpid()}, m2d {name}\n'.encode())
-        self.fd = fd
+        if name is not None:
+            os.ftruncate(fd, 0)
+            os.write(fd, f'pid {os.getpid()}, m2d {name}\n'.encode())
+        return fd
 
     def release(self) -> None:
+        if self.part_fd is not None:
+            self.part.unlink(missing_ok=True)  # while still locked
+            os.close(self.part_fd)
+            self.part_fd = None
         if self.fd is not None:
-            self.path.unlink(missing_ok=True)  # while still locked, so no other job locks a removed file
+            if self.part is not None:  # shared: remove the file only when no other part holds it
+                import fcntl
+
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self.path.unlink(missing_ok=True)
+                except OSError:
+                    pass
+            else:
+                self.path.unlink(missing_ok=True)  # while still locked, so no other job locks a removed file
             os.close(self.fd)
             self.fd = None
 
@@ -298,12 +683,17 @@ def run(plan: Plan, *, read: Callable[[Item], Any], transform: Callable[[list[An
 def finish(summary: Summary, plan: Plan, *, files_csv: Callable[..., Path] | None = None,
            failures_csv: bool = True) -> Summary:
     """Write ``DEST/<name>_failures.csv`` (or remove a stale one) and, with `files_csv` (a writer
-    called as ``files_csv(DEST, names=...)`` with the outputs' names relative to DEST, such as
+    called as ``files_csv(DEST, csv=None, names=...)`` with the outputs' names relative to DEST, such as
     `m2d.data.filelist.write_filelist`), the file list it returns; release the lock; log the
-    one-line result and the first failures."""
+    one-line result and the first failures.
+
+    A part of a sharded job writes ``<name>_failures.shard-K-of-N.csv`` and lists the outputs of its
+    own part (done, or there already) in ``files.shard-K-of-N.csv`` (`FILES_CSV_OF_SHARD`); the
+    folder's ``files.csv`` is left to ``m2d filelist DEST`` once every part is done."""
     try:
+        tag = f'.{plan.shard.tag}' if plan.shard is not None else ''
         if plan.dest is not None and failures_csv:
-            path = plan.dest / f'{plan.name}_failures.csv'
+            path = plan.dest / f'{plan.name}_failures{tag}.csv'
             if summary.failed:
                 with atomic_path(path) as tmp, open(tmp, 'w', newline='') as f:
                     w = csv.writer(f)
@@ -313,8 +703,15 @@ def finish(summary: Summary, plan: Plan, *, files_csv: Callable[..., Path] | Non
             elif path.exists():
                 path.unlink()  # the report of an earlier run whose failures are done now
         if plan.dest is not None and files_csv is not None:
-            names = plan.existing | {k + plan.out_suffix for k in summary.done_keys}
-            summary.files_csv = files_csv(plan.dest, names=names)
+            suffix = plan.out_suffix
+            if isinstance(plan.existing, set):
+                names = plan.existing | {k + suffix for k in summary.done_keys}
+            else:  # in key order (the plan's stream order): merge by key, then drop repeats (redone outputs)
+                done = (k + suffix for k in sorted(summary.done_keys))
+                before = (i.key + suffix for i in plan.skipped) if plan.shard is not None else plan.existing
+                names = _unique(heapq.merge(before, done, key=lambda n: n[:len(n) - len(suffix)]))
+            csv_path = plan.dest / FILES_CSV_OF_SHARD.format(tag=plan.shard.tag) if plan.shard is not None else None
+            summary.files_csv = files_csv(plan.dest, csv=csv_path, names=names)
     finally:
         plan.release()
     summary.seconds = time.perf_counter() - plan.started
@@ -325,6 +722,15 @@ def finish(summary: Summary, plan: Plan, *, files_csv: Callable[..., Path] | Non
         log.warning('... and %d more%s', len(summary.failed) - 5,
                     f' in {summary.failures_csv}' if summary.failures_csv else '')
     return summary
+
+
+def _unique(names: Iterable[str]) -> Iterator[str]:
+    """Sorted names without repeats."""
+    prev = None
+    for n in names:
+        if n != prev:
+            yield n
+        prev = n
 
 
 def _reason(item: Item, e: BaseException | str) -> str:
@@ -525,7 +931,26 @@ def _remove_partial_outputs(items: Iterable[Item]) -> None:
                     tmp.unlink(missing_ok=True)
 
 
-def _run_processes(todo: list[Item], steps: _Steps, local: _Local, collect: Callable, workers: int,
+class _Chunks:
+    """A plan's items in chunks of index ranges, made into Items when a chunk is used (millions of
+    items are never all made at once); retried items are appended as one-item lists."""
+
+    def __init__(self, todo: Sequence[Item], size: int):
+        self.todo = todo
+        self.parts: list[range | list[Item]] = [range(i, min(i + size, len(todo))) for i in range(0, len(todo), size)]
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, k: int) -> list[Item]:
+        c = self.parts[k]
+        return [self.todo[i] for i in c] if isinstance(c, range) else c
+
+    def append(self, chunk: list[Item]) -> None:
+        self.parts.append(chunk)
+
+
+def _run_processes(todo: Sequence[Item], steps: _Steps, local: _Local, collect: Callable, workers: int,
                    chunk_size: int | None, main_helps: bool) -> None:
     """Worker processes ('spawn') take chunks of items from a queue. While they start (importing
     torch takes seconds), this process does chunks itself, so small jobs finish without waiting.
@@ -551,7 +976,7 @@ def _run_processes(todo: list[Item], steps: _Steps, local: _Local, collect: Call
 
     workers = min(workers, len(todo))
     size = chunk_size or max(1, min(16, len(todo) // (workers * 8)))
-    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+    chunks = _Chunks(todo, size)
     pending = list(range(len(chunks)))[::-1]  # a stack: pop() gives the next chunk
     sent: dict[int, int | None] = {}  # chunk -> pid of the worker doing it (None: queued)
     failed_starts = 0

@@ -308,11 +308,15 @@ class NpyStream:
             self.files[0].close()
 
 
-def save_time_last(path: str | Path, pieces: Iterable[np.ndarray | torch.Tensor], chunk_frames: int = 1 << 16) -> int:
-    """Write pieces ``[F, t]`` (in time order) as one ``.npy`` ``[1, F, T]`` float32 in bounded memory;
-    returns T. Time is the last axis, so the pieces go to a temporary time-major file beside `path`
-    first and are then transposed `chunk_frames` frames at a time."""
+def save_time_last(path: str | Path, pieces: Iterable[np.ndarray | torch.Tensor], chunk_frames: int = 1 << 16,
+                   dtype: np.dtype | str = np.float32) -> int:
+    """Write pieces ``[F, t]`` (in time order) as one ``.npy`` ``[1, F, T]`` of `dtype` (float32 or
+    float16: the float32 values cast) in bounded memory; returns T. Time is the last axis, so the
+    pieces go to a temporary time-major file beside `path` first and are then transposed
+    `chunk_frames` frames at a time."""
     path = Path(path)
+    dtype = np.dtype(dtype)
+    size = dtype.itemsize
     fd, raw_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp.frames', dir=path.parent)
     raw = Path(raw_name)
     try:
@@ -321,18 +325,18 @@ def save_time_last(path: str | Path, pieces: Iterable[np.ndarray | torch.Tensor]
             for x in pieces:
                 x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
                 width = x.shape[0]
-                f.write(np.ascontiguousarray(x.T, dtype=np.float32).tobytes())
+                f.write(np.ascontiguousarray(x.T, dtype=np.float32).astype(dtype, copy=False).tobytes())
                 rows += x.shape[1]
         if width is None:
             raise ValueError(f'{path}: no frames to write')
         with open(raw, 'rb') as src, open(path, 'wb') as out:
-            out.write(_npy_header((1, width, rows), np.float32))
-            out.truncate(_HEADER_BYTES + 4 * width * rows)
+            out.write(_npy_header((1, width, rows), dtype))
+            out.truncate(_HEADER_BYTES + size * width * rows)
             for t0 in range(0, rows, chunk_frames):
                 n = min(chunk_frames, rows - t0)
-                block = np.frombuffer(src.read(4 * width * n), np.float32).reshape(n, width).T
+                block = np.frombuffer(src.read(size * width * n), dtype).reshape(n, width).T
                 for k in range(width):
-                    out.seek(_HEADER_BYTES + 4 * (k * rows + t0))
+                    out.seek(_HEADER_BYTES + size * (k * rows + t0))
                     out.write(np.ascontiguousarray(block[k]).tobytes())
         return rows
     finally:

@@ -1,5 +1,6 @@
 """Normalization statistics (mean, std of all log-mel values) of a folder or file list, streaming:
-one file in memory at a time, accumulated in float64 with Chan's parallel update."""
+one file in memory at a time, accumulated in float64 with Chan's parallel update. By default a
+seeded random sample of `SAMPLE_FILES` files is read, with the standard errors of the estimates."""
 
 from __future__ import annotations
 
@@ -55,25 +56,57 @@ class RunningStats:
         return math.sqrt(self.m2 / (self.count - ddof)) if self.count > ddof else float('nan')
 
 
-def lms_stats(source: str | Path, max_files: int | None = None, seed: int = 0, crop_frames: int | None = None,
-              data_root: str | Path | None = None, progress: bool = True) -> dict:
-    """Mean and std of the log-mel values of the `.npy` files in a folder or CSV list.
+SAMPLE_FILES = 10_000  # files `m2d stats` reads by default (a seeded random sample; all when fewer)
 
-    max_files: a random sample (seeded) of that many files. crop_frames: use one random crop per file,
-    zero-padded when shorter, as the training datasets do. Returns a JSON-ready dict with mean,
-    std (unbiased), files, values, unreadable (files skipped with a warning).
+
+def sampling_errors(parts: list[tuple[int, float, float]], population: int) -> tuple[float, float]:
+    """Standard errors of the mean and std merged from `parts` ((count, mean, m2) of each file of a
+    random sample drawn without replacement from `population` files).
+
+    Files are the sampled units (their values are not independent), so the error comes from how
+    the files differ: the ratio estimator's linearized variance, with the finite-population
+    correction. Returns (mean_se, std_se).
+    """
+    k = len(parts)
+    if k < 2:
+        return float('nan'), float('nan')
+    n = np.array([c for c, _, _ in parts], np.float64)
+    m = np.array([mu for _, mu, _ in parts], np.float64)
+    m2 = np.array([v for _, _, v in parts], np.float64)
+    total = n.sum()
+    mean = float((n * m).sum() / total)
+    var = float((m2 + n * (m - mean) ** 2).sum() / total)
+    scale = math.sqrt(max(0.0, 1.0 - k / population) / k) / n.mean()
+    mean_se = scale * float(np.std(n * (m - mean), ddof=1))
+    var_se = scale * float(np.std(m2 + n * (m - mean) ** 2 - n * var, ddof=1))
+    return mean_se, var_se / (2 * math.sqrt(var)) if var > 0 else float('nan')
+
+
+def lms_stats(source: str | Path, max_files: int | None = SAMPLE_FILES, seed: int = 0,
+              crop_frames: int | None = None, data_root: str | Path | None = None, progress: bool = True) -> dict:
+    """Mean and std of the log-mel values of the `.npy` files (float32 or float16) in a folder or CSV list.
+
+    max_files: read a random sample (seeded) of that many files, default `SAMPLE_FILES`; every file
+    when there are no more than that, or with max_files None (``--all``). crop_frames: use one random
+    crop per file, zero-padded when shorter, as the training datasets do. Returns a JSON-ready dict
+    with mean, std (unbiased), files (read), files_total (listed), sample (what was read, in words),
+    values, unreadable (files skipped with a warning) and, for a sample, mean_se/std_se: the standard
+    errors of the estimates (`sampling_errors`).
     """
     from tqdm import tqdm
 
     names, root = resolve_list(source, data_root)
-    files = [root / n for n in names]
-    if not files:
+    total = len(names)
+    if not total:
         raise DataError(f'{source}: no .npy files listed')
+    if max_files is not None and max_files < 1:
+        raise ValueError(f'max_files={max_files}: must be at least 1 (None reads every file)')
     rng = random.Random(seed)
-    if max_files is not None and 0 < max_files < len(files):
-        files = rng.sample(files, max_files)
-    acc, unreadable = RunningStats(), []
-    for path in tqdm(files, desc='stats', unit='file', disable=not progress):
+    sampled = max_files is not None and max_files < total
+    chosen = rng.sample(range(total), max_files) if sampled else range(total)
+    acc, unreadable, parts = RunningStats(), [], []
+    for i in tqdm(chosen, desc='stats', unit='file', disable=not progress):
+        path = root / names[i]
         try:
             lms = np.load(path, mmap_mode='r')
         except Exception as e:
@@ -86,12 +119,26 @@ def lms_stats(source: str | Path, max_files: int | None = None, seed: int = 0, c
             lms = np.asarray(lms[..., start:start + crop_frames], dtype=np.float32)
             if lms.shape[-1] < crop_frames:
                 lms = np.pad(lms, [(0, 0)] * (lms.ndim - 1) + [(0, crop_frames - lms.shape[-1])])
-        acc.update(lms)
+        if sampled:
+            one = RunningStats()
+            one.update(lms)
+            parts.append((one.count, one.mean, one.m2))
+            acc.count, acc.mean, acc.m2 = merge_moments((acc.count, acc.mean, acc.m2), parts[-1])
+        else:
+            acc.update(lms)
+    read = len(chosen) - len(unreadable)
     if acc.count == 0:
-        raise DataError(f'{source}: none of the {len(files)} files could be read')
-    return {'mean': acc.mean, 'std': acc.std(ddof=1), 'files': len(files) - len(unreadable),
-            'values': acc.count, 'unreadable': len(unreadable), 'source': str(source),
-            'max_files': max_files, 'seed': seed, 'crop_frames': crop_frames}
+        raise DataError(f'{source}: none of the {len(chosen)} files could be read')
+    out = {'mean': acc.mean, 'std': acc.std(ddof=1), 'files': read, 'files_total': total,
+           'sample': (f'random sample of {len(chosen)} of {total} files (seed {seed}); --all reads every file'
+                      if sampled else f'all {total} files'),
+           'values': acc.count, 'unreadable': len(unreadable), 'source': str(source),
+           'max_files': max_files, 'seed': seed, 'crop_frames': crop_frames}
+    if sampled:
+        out['mean_se'], out['std_se'] = sampling_errors(parts, total)
+        log.info('stats of a random sample of %d of %d files (seed %d): mean %.4f +- %.4f, std %.4f +- %.4f '
+                 '(standard errors)', read, total, seed, out['mean'], out['mean_se'], out['std'], out['std_se'])
+    return out
 
 
 def write_stats_json(stats: dict, path: str | Path) -> Path:

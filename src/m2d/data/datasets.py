@@ -1,7 +1,8 @@
 """Training datasets over prepared log-mel `.npy` files (``[1, 80, T]``).
 
 - `LMSDataset`: crop (random or from the start) to `crop_frames`, zero-pad on the right (or repeat
-  short clips), normalize with (mean, std).
+  short clips), normalize with (mean, std). Names are held in a `PathTable` (no Python object per
+  file); float16 files are read as their exact float32 values.
 - `compute_norm_stats`: mean and std (+ eps) of ~10,000 random crops, as the reference computes
   before training (a quirk kept on purpose: the zero padding of short clips counts).
 - `NoiseMixDataset`: M2D-S background-noise mixing in the linear power domain.
@@ -19,6 +20,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .filelist import DataError, resolve_list
+from .npyread import NpyReader
+from .pathtable import PathTable
 from .stats import RunningStats
 
 log = logging.getLogger(__name__)
@@ -26,8 +29,11 @@ log = logging.getLogger(__name__)
 EPS = float(torch.finfo(torch.float32).eps)
 
 
-def inflate_files(files: Sequence, min_size: int) -> list:
-    """Repeat a list cyclically up to `min_size` items (the reference's `--min_ds_size`)."""
+def inflate_files(files: Sequence, min_size: int) -> Sequence:
+    """Repeat a list cyclically up to `min_size` items (the reference's `--min_ds_size`); a
+    `PathTable` stays one (`PathTable.repeat_to`), anything else becomes a list."""
+    if isinstance(files, PathTable):
+        return files.repeat_to(min_size)
     files = list(files)
     if not files or len(files) >= min_size:
         return files
@@ -35,10 +41,15 @@ def inflate_files(files: Sequence, min_size: int) -> list:
 
 
 def _resolve_files(files: str | Path | Sequence[str | Path],
-                   data_root: str | Path | None) -> tuple[list[str], Path | None]:
+                   data_root: str | Path | None) -> tuple[PathTable, Path | None]:
     if isinstance(files, (str, Path)):
         return resolve_list(files, data_root)
-    return [str(f) for f in files], None if data_root is None else Path(data_root)
+    if isinstance(files, PathTable):
+        return files, None if data_root is None else Path(data_root)
+    return PathTable.from_names(str(f) for f in files), None if data_root is None else Path(data_root)
+
+
+_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 class LMSDataset(Dataset):
@@ -49,6 +60,7 @@ class LMSDataset(Dataset):
     applied as ``(x - mean) / std``; None leaves values as they are (see `compute_norm_stats`).
     random_crop: crop at a random start (else from the start). repeat_short: repeat clips shorter
     than `crop_frames` instead of zero padding. min_ds_size: repeat the list up to this length.
+    Files may be float32 or float16 (values read as float32, exactly).
     """
 
     def __init__(self, files: str | Path | Sequence[str | Path], data_root: str | Path | None = None,
@@ -68,6 +80,7 @@ class LMSDataset(Dataset):
         self.random_crop = random_crop
         self.repeat_short = repeat_short
         self.last_crop_start = 0
+        self._reader = NpyReader()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -115,7 +128,51 @@ class LMSDataset(Dataset):
         return (lms - mean) / std
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.normalize(self.raw_item(index))
+        return self.item_into(index)
+
+    def item_into(self, index: int, out: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """Item `index` (cropped and normalized, as ``normalize(raw_item(index))``, bit for bit),
+        written into `out` (float32, contiguous, e.g. a slot of a batch) when given.
+
+        The common case, a float32 or float16 file at least a crop long, is read into a reused
+        buffer (`NpyReader`), cropped, converted and normalized in one pass into `out`; the rest
+        (short clips, other dtypes, unreadable files and their errors) takes the `raw_item` path.
+        """
+        src = self._fast_crop(index, generator)
+        if src is None:
+            x = self.normalize(self.raw_item(index, generator))
+            return x if out is None else out.copy_(x)
+        if out is None:
+            out = torch.empty(src.shape, dtype=torch.float32)
+        elif tuple(out.shape) != src.shape:
+            raise ValueError(f'{self.path(index)}: item shape {src.shape} differs from the batch\'s {tuple(out.shape)}')
+        o = out.numpy()
+        if self.norm_stats is None:
+            np.copyto(o, src)
+        else:  # float32 arithmetic as torch's ``(x - mean) / std`` on a float32 tensor
+            mean, std = self.norm_stats
+            np.subtract(src, np.float32(mean), out=o, dtype=np.float32)
+            np.divide(o, np.float32(std), out=o)
+        return out
+
+    def _fast_crop(self, index: int, generator: torch.Generator | None) -> np.ndarray | None:
+        """The crop of item `index` as a view of the reader's buffer, drawing the crop start as
+        `crop` does; None when the file needs the general path (nothing drawn then)."""
+        try:
+            arr = self._reader.read(self.path(index))
+        except OSError:
+            return None
+        n = self.crop_frames
+        if arr is None or arr.ndim not in (2, 3) or arr.dtype not in _FAST_DTYPES or arr.shape[-1] < n:
+            return None
+        if arr.ndim == 2:
+            arr = arr[None]
+        length, start = arr.shape[-1], 0
+        if length > n and self.random_crop:
+            start = int(torch.randint(0, length - n + 1, (1,), generator=generator))
+        self.last_crop_start = start
+        return arr[..., start:start + n]
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(files={len(self)}, crop_frames={self.crop_frames}, '

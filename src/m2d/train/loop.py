@@ -124,7 +124,7 @@ def make_loader(opts: TrainConfig, env: distributed.DistEnv,
     pin = opts.pin_mem if opts.pin_mem is not None else env.device.type == 'cuda'
     loader = DataLoader(items, batch_size=opts.batch_size, sampler=sampler, num_workers=opts.num_workers,
                         pin_memory=pin, drop_last=True, collate_fn=seeding.collate,
-                        persistent_workers=opts.num_workers > 0)
+                        worker_init_fn=seeding.freeze_inherited_objects, persistent_workers=opts.num_workers > 0)
     return items, sampler, loader
 
 

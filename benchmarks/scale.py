@@ -17,7 +17,9 @@ Private_Clean + Private_Dirty of /proc/PID/smaps_rollup, from the worker's start
 looked up the paths of its share of one epoch, one DataLoader over the whole list),
 samples_per_s_per_worker and samples_per_s_per_worker_float16 (the training loader of
 `m2d pretrain`, `m2d.train.loop.make_loader`, default M2D input 80x608, patch 16x16, unstructured
-mask 0.7, total samples/s divided by `--workers`, median of `--repeats`), bytes_per_sample (file bytes
+mask 0.7, total samples/s divided by `--workers`, median of `--repeats`), samples_per_worker_cpu_s and
+samples_per_worker_cpu_s_float16 (samples per CPU second the workers used: what a worker core gives,
+unaffected by other load on a shared machine), bytes_per_sample (file bytes
 read per sample, float32 and float16), convert_plan_s and convert_plan_mb (planning `m2d convert` of
 `--entries` source files into an empty folder: time and peak RSS growth; `--convert_entries` plans
 fewer and scales linearly, marked by `convert_plan_extrapolated_from`), stats_s (`m2d stats` on the
@@ -190,33 +192,40 @@ def measure_worker_memory(csv: Path, workers: int, chunk: int = 10000) -> dict:
             'lookup_chunk': chunk}
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process."""
+    fields = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
 def measure_throughput(csv: Path, workers: int, batch_size: int, samples: int, repeats: int) -> dict:
-    """Samples/s of the training loader of `m2d pretrain` (one process, `workers` workers)."""
+    """Samples/s of the training loader of `m2d pretrain` (one process, `workers` workers): wall-clock
+    samples/s divided by the workers, and samples per CPU second of the workers (what one worker core
+    gives, whatever else the machine runs)."""
     import torch
 
     from m2d.train import distributed, loop
     from m2d.train.config import TrainConfig
 
     torch.set_num_threads(1)
-    opts = TrainConfig(csv_main=str(csv), batch_size=batch_size, num_workers=workers, min_ds_size=samples * 2)
+    opts = TrainConfig(csv_main=str(csv), batch_size=batch_size, num_workers=workers,
+                       min_ds_size=samples * (repeats + 1) + 4 * workers * batch_size)  # one epoch covers it all
     ds = loop.build_dataset(opts, (-6.0, 3.0))
     _, sampler, loader = loop.make_loader(opts, distributed.DistEnv(), ds)
-    rates = []
+    wall, per_cpu = [], []
     it = iter(loader)
     for _ in range(2 * workers):  # workers started and busy
         next(it)
+    pids = [w.pid for w in it._workers]  # noqa: SLF001 - the loader's worker processes
     for _ in range(repeats):
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), sum(cpu_s(p) for p in pids)
         while n < samples:
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(loader)
-                batch = next(it)
-            n += batch['x'].shape[0]
-        rates.append(n / (time.perf_counter() - t0))
+            n += next(it)['x'].shape[0]
+        wall.append(n / (time.perf_counter() - t0) / workers)
+        per_cpu.append(n / (sum(cpu_s(p) for p in pids) - c0))
     del it, loader
-    return {'median': statistics.median(rates) / workers, 'runs': [r / workers for r in rates]}
+    return {'median': statistics.median(wall), 'runs': wall, 'per_cpu_s': statistics.median(per_cpu),
+            'per_cpu_s_runs': per_cpu}
 
 
 def plan_convert(n: int, dest: Path):
@@ -306,8 +315,11 @@ def main() -> None:
             for key, names in (('samples_per_s_per_worker', f32), ('samples_per_s_per_worker_float16', f16)):
                 small = write_list(root / f'{key}.csv', names, len(names))
                 r = in_child(measure_throughput, small, args.workers, args.batch_size, args.samples, args.repeats)
+                cpu_key = key.replace('samples_per_s_per_worker', 'samples_per_worker_cpu_s')
                 out[key], out[key + '_runs'] = r['median'], r['runs']
-                print(f'{key}: {r["median"]:.0f} ({", ".join(f"{x:.0f}" for x in r["runs"])})', flush=True)
+                out[cpu_key], out[cpu_key + '_runs'] = r['per_cpu_s'], r['per_cpu_s_runs']
+                print(f'{key}: {r["median"]:.0f} ({", ".join(f"{x:.0f}" for x in r["runs"])}); per worker CPU second '
+                      f'{r["per_cpu_s"]:.0f}', flush=True)
             out['throughput_batch_size'] = args.batch_size
             out['bytes_per_sample'] = {'float32': float(np.mean([os.path.getsize(root / n) for n in f32])),
                                        'float16': float(np.mean([os.path.getsize(root / n) for n in f16]))}

@@ -147,13 +147,10 @@ class LMSDataset(Dataset):
             out = torch.empty(src.shape, dtype=torch.float32)
         elif tuple(out.shape) != src.shape:
             raise ValueError(f'{self.path(index)}: item shape {src.shape} differs from the batch\'s {tuple(out.shape)}')
-        o = out.numpy()
-        if self.norm_stats is None:
-            np.copyto(o, src)
-        else:  # float32 arithmetic as torch's ``(x - mean) / std`` on a float32 tensor
+        out.copy_(torch.from_numpy(src))  # float16 -> float32 is exact (and vectorized in torch, not numpy)
+        if self.norm_stats is not None:  # the kernels of ``(x - mean) / std``, in place
             mean, std = self.norm_stats
-            np.subtract(src, np.float32(mean), out=o, dtype=np.float32)
-            np.divide(o, np.float32(std), out=o)
+            out.sub_(mean).div_(std)
         return out
 
     def _fast_crop(self, index: int, generator: torch.Generator | None) -> np.ndarray | None:

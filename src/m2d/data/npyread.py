@@ -6,7 +6,7 @@ reads the header bytes with one ``pread``, looks the parsed header up by those b
 same shape and dtype share it), and reads the data into a buffer it keeps:
 
     reader = NpyReader()
-    arr = reader.read(path)   # a read-only view, valid until the next read()
+    arr = reader.read(path)   # a view of the reader's buffer: valid until the next read(), do not write
 
 Anything unusual (Fortran order, object dtypes, a header longer than the first read, a short
 file) is left to `np.load` by returning None, so the caller can fall back with its own errors.
@@ -72,7 +72,7 @@ class NpyReader:
         return parsed
 
     def read(self, path: str | Path) -> np.ndarray | None:
-        """The array in `path` as a read-only view of the reused buffer, or None when the file is
+        """The array in `path` as a view of the reused buffer (not to be written), or None when the file is
         not a plain C-ordered numeric `.npy` (or is shorter than its header says): read it with
         `np.load` then. Raises OSError when the file cannot be opened."""
         fd = os.open(path, os.O_RDONLY)
@@ -90,6 +90,4 @@ class NpyReader:
                 return None
         finally:
             os.close(fd)
-        arr = self._buffer[:nbytes].view(dtype).reshape(shape)
-        arr.flags.writeable = False
-        return arr
+        return self._buffer[:nbytes].view(dtype).reshape(shape)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -156,8 +157,9 @@ class LMSDataset(Dataset):
     def _fast_crop(self, index: int, generator: torch.Generator | None) -> np.ndarray | None:
         """The crop of item `index` as a view of the reader's buffer, drawing the crop start as
         `crop` does; None when the file needs the general path (nothing drawn then)."""
-        try:
-            arr = self._reader.read(self.path(index))
+        name = self.files[index]
+        try:  # os.path.join: the path `path()` gives, without building Path objects
+            arr = self._reader.read(name if self.data_root is None else os.path.join(self.data_root, name))
         except OSError:
             return None
         n = self.crop_frames

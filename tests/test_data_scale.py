@@ -142,6 +142,7 @@ def test_float16_files_read_as_their_float32_values(tmp_path):
     ds = LMSDataset([p16], crop_frames=208, norm_stats=None, random_crop=False)
     y = ds[0]
     assert y.dtype == torch.float32 and np.array_equal(y.numpy(), x16[..., :208].astype(np.float32))
+    assert torch.equal(pickle.loads(pickle.dumps(ds))[0], y)  # as a spawned worker gets it
     full = ds.load(0)
     assert full.dtype == torch.float32 and np.array_equal(full.numpy(), x16.astype(np.float32))
     # normalized: as the float32 file holding the same values
@@ -239,3 +240,35 @@ def test_sampler_keys_equal_distributed_sampler(n, world):
             keys = list(s)
             assert keys == _old_keys(n, epoch, world, rank, seed=5, start=start) and len(keys) == len(s)
             assert all(type(i) is int for _, i in keys)
+
+
+def test_npy_reader_reads_plain_files_and_leaves_the_rest_to_np_load(tmp_path):
+    from m2d.data.npyread import NpyReader
+
+    r = NpyReader()
+    rng = np.random.default_rng(0)
+    plain = {}
+    for name, arr in {'f32': rng.standard_normal((1, 80, 50)).astype(np.float32),
+                      'f16': rng.standard_normal((80, 33)).astype(np.float16),
+                      'be': rng.standard_normal((2, 3)).astype('>f4'),
+                      'empty': np.zeros((1, 80, 0), np.float32)}.items():
+        np.save(tmp_path / f'{name}.npy', arr)
+        plain[name] = arr
+    for name, arr in plain.items():
+        got = r.read(tmp_path / f'{name}.npy')
+        assert got.dtype == arr.dtype and np.array_equal(got, arr), name
+    np.lib.format.write_array(open(tmp_path / 'v2.npy', 'wb'), plain['f32'], version=(2, 0))
+    assert np.array_equal(r.read(tmp_path / 'v2.npy'), plain['f32'])
+    np.save(tmp_path / 'fortran.npy', np.asfortranarray(rng.standard_normal((4, 5)).astype(np.float32)))
+    np.save(tmp_path / 'objects.npy', np.array([{'a': 1}], dtype=object), allow_pickle=True)
+    (tmp_path / 'short.npy').write_bytes((tmp_path / 'f32.npy').read_bytes()[:-8])
+    (tmp_path / 'text.npy').write_text('not an array')
+    for name in ('fortran', 'objects', 'short', 'text'):
+        assert r.read(tmp_path / f'{name}.npy') is None, name  # np.load's business (and its errors)
+    with pytest.raises(OSError):
+        r.read(tmp_path / 'missing.npy')
+    # LMSDataset falls back for them: same values as np.load, or np.load's error naming the file
+    ds = LMSDataset([tmp_path / 'fortran.npy', tmp_path / 'short.npy'], crop_frames=5, random_crop=False)
+    assert np.array_equal(ds[0].numpy()[0], np.load(tmp_path / 'fortran.npy'))
+    with pytest.raises(OSError, match='short.npy'):
+        ds[1]

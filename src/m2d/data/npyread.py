@@ -34,11 +34,8 @@ class NpyReader:
         self._headers: dict[bytes, tuple[tuple[int, ...], np.dtype, int] | None] = {}
         self._buffer = np.empty(0, dtype=np.uint8)
 
-    def __getstate__(self):
-        return None  # nothing worth sending to a worker: it builds its own cache
-
-    def __setstate__(self, state) -> None:
-        self.__init__()
+    def __reduce__(self):
+        return NpyReader, ()  # nothing worth sending to a worker: it builds its own cache
 
     def _header(self, head: bytes) -> tuple[tuple[int, ...], np.dtype, int] | None:
         """(shape, dtype, data offset) of a header, or None when `np.load` should read the file."""

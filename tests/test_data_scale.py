@@ -118,10 +118,13 @@ def test_raw_items_and_repeat_short_unchanged(tmp_path):
     for kw in ({'random_crop': True}, {'random_crop': False}, {'repeat_short': True}):
         ds = LMSDataset(paths, crop_frames=64, norm_stats=None, **kw)
         for i in range(3):
-            torch.manual_seed(i)
-            new = ds[i]
-            torch.manual_seed(i)
-            assert _bits_equal(new, _old_item(paths, i, 64, None, **kw))
+            old = []
+            for get in (ds.__getitem__, ds.raw_item, lambda i: _old_item(paths, i, 64, None, **kw)):
+                torch.manual_seed(i)
+                old.append(get(i))
+            assert _bits_equal(old[0], old[2]) and _bits_equal(old[1], old[2])
+        g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)  # compute_norm_stats' way
+        assert _bits_equal(ds.raw_item(0, g1), ds.crop(ds.load(0), g2))
 
 
 def test_collate_copies_nothing_for_a_batch_and_falls_back_otherwise():

@@ -120,7 +120,10 @@ class LMSDataset(Dataset):
 
     def raw_item(self, index: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Cropped, not normalized."""
-        return self.crop(self.load(index), generator)
+        src = self._fast_crop(index, generator)
+        if src is None:
+            return self.crop(self.load(index), generator)
+        return torch.empty(src.shape, dtype=torch.float32).copy_(torch.from_numpy(src))
 
     def normalize(self, lms: torch.Tensor) -> torch.Tensor:
         if self.norm_stats is None:
@@ -142,7 +145,7 @@ class LMSDataset(Dataset):
         """
         src = self._fast_crop(index, generator)
         if src is None:
-            x = self.normalize(self.raw_item(index, generator))
+            x = self.normalize(self.crop(self.load(index), generator))
             return x if out is None else out.copy_(x)
         if out is None:
             out = torch.empty(src.shape, dtype=torch.float32)

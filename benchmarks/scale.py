@@ -4,7 +4,7 @@ planning of `m2d convert` / the default `m2d stats` over that many files.
 The list is faked on one machine: `--real_files` (default 64) log-mel files ``[1, 80, 1001]`` (10 s,
 float32 and a float16 copy) are written to a temporary folder under AudioSet-like names
 (``audioset_lms/unbalanced_train_segments/<11-char id>_0.000_10.000.npy``), and a CSV of `--entries`
-rows names them cyclically (row i names file i mod 64). Every row is its own string in a Python list
+rows names them cyclically (row i names file i mod `--real_files`). Every row is its own string in a Python list
 as much as a distinct name of the same length, so memory and lookups behave as with 2 M distinct
 files; reads of the repeated files come from the page cache (storage bandwidth is given as
 `bytes_per_sample`, not measured).
@@ -19,7 +19,7 @@ samples_per_s_per_worker and samples_per_s_per_worker_float16 (the training load
 `m2d pretrain`, `m2d.train.loop.make_loader`, default M2D input 80x608, patch 16x16, unstructured
 mask 0.7, total samples/s divided by `--workers`, median of `--repeats`), samples_per_worker_cpu_s and
 samples_per_worker_cpu_s_float16 (samples per CPU second the workers used: what a worker core gives,
-unaffected by other load on a shared machine), bytes_per_sample (file bytes
+much less affected by other load on a shared machine than wall clock), bytes_per_sample (file bytes
 read per sample, float32 and float16), convert_plan_s and convert_plan_mb (planning `m2d convert` of
 `--entries` source files into an empty folder: time and peak RSS growth; `--convert_entries` plans
 fewer and scales linearly, marked by `convert_plan_extrapolated_from`), stats_s (`m2d stats` on the
@@ -27,9 +27,10 @@ list with its default options; when that takes longer than `--stats_timeout` it 
 on the first `--stats_probe` rows instead, scaled linearly: `stats_extrapolated_from` says so),
 loadavg, cpu.
 
-Each measurement that holds memory runs in a forked child, so one does not inflate the next. Works
-against older trees too (the keys a tree cannot measure are left out), which is how the before
-numbers in benchmarks/README.md were taken.
+Each measurement runs in a forked child, so one does not inflate the next. It runs against an older
+tree too (``PYTHONPATH=OLD_TREE/src``; it uses only `LMSDataset`, `ResumableSampler`,
+`loop.build_dataset` / `make_loader`, `jobs.plan` and `m2d stats`), which is how the before numbers
+in benchmarks/README.md were taken (6e33ba4).
 """
 
 from __future__ import annotations
@@ -292,7 +293,8 @@ def main() -> None:
                     help='plan this many files instead of --entries and scale linearly (marked in the JSON)')
     ap.add_argument('--stats_timeout', type=float, default=180.0)
     ap.add_argument('--stats_probe', type=int, default=20000)
-    ap.add_argument('--skip', default='', help='comma-separated parts to leave out: list,workers,throughput,convert,stats')
+    ap.add_argument('--skip', default='',
+                    help='comma-separated parts to leave out: list,workers,throughput,convert,stats')
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     skip = set(filter(None, args.skip.split(',')))

@@ -14,7 +14,10 @@ files; reads of the repeated files come from the page cache (storage bandwidth i
 Keys written: entries, csv_load_s, main_rss_mb (RSS growth of the process holding the training set
 built from the list), worker_private_mb (the largest growth over the loader workers of USS =
 Private_Clean + Private_Dirty of /proc/PID/smaps_rollup, from the worker's start to after it has
-looked up the paths of its share of one epoch, one DataLoader over the whole list),
+looked up the paths of its share of one epoch, one DataLoader over the whole list; with one worker
+USS also counts the pages the parent process rewrites after the fork, which two or more workers
+still share among themselves: `worker_private_mb_after_first_chunk` and `..._to_end` split the growth
+at the first 10,000 paths),
 samples_per_s_per_worker and samples_per_s_per_worker_float16 (the training loader of
 `m2d pretrain`, `m2d.train.loop.make_loader`, default M2D input 80x608, patch 16x16, unstructured
 mask 0.7, total samples/s divided by `--workers`, median of `--repeats`), samples_per_worker_cpu_s and
@@ -187,10 +190,11 @@ def measure_worker_memory(csv: Path, workers: int, chunk: int = 10000) -> dict:
         w[2] += n
     growth = {str(pid): round(end - start, 2) for pid, (start, end, _, _) in per_worker.items()}
     first = {str(pid): round(f - start, 2) for pid, (start, _, _, f) in per_worker.items()}
+    rest = {str(pid): round(end - f, 2) for pid, (_, end, _, f) in per_worker.items()}
     looked_up = {str(pid): n for pid, (_, _, n, _) in per_worker.items()}
     return {'worker_private_mb': max(growth.values()), 'worker_private_mb_each': growth,
-            'worker_private_mb_after_first_chunk': first, 'paths_looked_up_per_worker': looked_up,
-            'lookup_chunk': chunk}
+            'worker_private_mb_after_first_chunk': first, 'worker_private_mb_after_first_chunk_to_end': rest,
+            'paths_looked_up_per_worker': looked_up, 'lookup_chunk': chunk}
 
 
 def cpu_s(pid: int) -> float:

@@ -17,7 +17,7 @@ _NAMES = {
     'inflate_files': 'datasets', 'log_mix_exp': 'datasets',
     'DataError': 'filelist', 'MissingDataError': 'filelist', 'guess_data_root': 'filelist',
     'list_npy_files': 'filelist', 'read_file_list': 'filelist', 'resolve_list': 'filelist',
-    'write_filelist': 'filelist',
+    'write_filelist': 'filelist', 'PathTable': 'pathtable', 'NpyReader': 'npyread',
     'RunningStats': 'stats', 'lms_stats': 'stats',
 }
 

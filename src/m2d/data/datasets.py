@@ -1,7 +1,8 @@
 """Training datasets over prepared log-mel `.npy` files (``[1, 80, T]``).
 
 - `LMSDataset`: crop (random or from the start) to `crop_frames`, zero-pad on the right (or repeat
-  short clips), normalize with (mean, std).
+  short clips), normalize with (mean, std). Names are held in a `PathTable` (no Python object per
+  file); float16 files are read as their exact float32 values.
 - `compute_norm_stats`: mean and std (+ eps) of ~10,000 random crops, as the reference computes
   before training (a quirk kept on purpose: the zero padding of short clips counts).
 - `NoiseMixDataset`: M2D-S background-noise mixing in the linear power domain.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .filelist import DataError, resolve_list
+from .npyread import NpyReader
+from .pathtable import PathTable
 from .stats import RunningStats
 
 log = logging.getLogger(__name__)
@@ -26,8 +30,11 @@ log = logging.getLogger(__name__)
 EPS = float(torch.finfo(torch.float32).eps)
 
 
-def inflate_files(files: Sequence, min_size: int) -> list:
-    """Repeat a list cyclically up to `min_size` items (the reference's `--min_ds_size`)."""
+def inflate_files(files: Sequence, min_size: int) -> Sequence:
+    """Repeat a list cyclically up to `min_size` items (the reference's `--min_ds_size`); a
+    `PathTable` stays one (`PathTable.repeat_to`), anything else becomes a list."""
+    if isinstance(files, PathTable):
+        return files.repeat_to(min_size)
     files = list(files)
     if not files or len(files) >= min_size:
         return files
@@ -35,10 +42,15 @@ def inflate_files(files: Sequence, min_size: int) -> list:
 
 
 def _resolve_files(files: str | Path | Sequence[str | Path],
-                   data_root: str | Path | None) -> tuple[list[str], Path | None]:
+                   data_root: str | Path | None) -> tuple[PathTable, Path | None]:
     if isinstance(files, (str, Path)):
         return resolve_list(files, data_root)
-    return [str(f) for f in files], None if data_root is None else Path(data_root)
+    if isinstance(files, PathTable):
+        return files, None if data_root is None else Path(data_root)
+    return PathTable.from_names(str(f) for f in files), None if data_root is None else Path(data_root)
+
+
+_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 class LMSDataset(Dataset):
@@ -49,6 +61,7 @@ class LMSDataset(Dataset):
     applied as ``(x - mean) / std``; None leaves values as they are (see `compute_norm_stats`).
     random_crop: crop at a random start (else from the start). repeat_short: repeat clips shorter
     than `crop_frames` instead of zero padding. min_ds_size: repeat the list up to this length.
+    Files may be float32 or float16 (values read as float32, exactly).
     """
 
     def __init__(self, files: str | Path | Sequence[str | Path], data_root: str | Path | None = None,
@@ -68,6 +81,7 @@ class LMSDataset(Dataset):
         self.random_crop = random_crop
         self.repeat_short = repeat_short
         self.last_crop_start = 0
+        self._reader = NpyReader()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -106,7 +120,10 @@ class LMSDataset(Dataset):
 
     def raw_item(self, index: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Cropped, not normalized."""
-        return self.crop(self.load(index), generator)
+        src = self._fast_crop(index, generator)
+        if src is None:
+            return self.crop(self.load(index), generator)
+        return torch.empty(src.shape, dtype=torch.float32).copy_(torch.from_numpy(src))
 
     def normalize(self, lms: torch.Tensor) -> torch.Tensor:
         if self.norm_stats is None:
@@ -115,7 +132,49 @@ class LMSDataset(Dataset):
         return (lms - mean) / std
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.normalize(self.raw_item(index))
+        return self.item_into(index)
+
+    def item_into(self, index: int, out: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """Item `index` (cropped and normalized, as ``normalize(raw_item(index))``, bit for bit),
+        written into `out` (float32, contiguous, e.g. a slot of a batch) when given.
+
+        The common case, a float32 or float16 file at least a crop long, is read into a reused
+        buffer (`NpyReader`), cropped, converted and normalized in one pass into `out`; the rest
+        (short clips, other dtypes, unreadable files and their errors) takes the `raw_item` path.
+        """
+        src = self._fast_crop(index, generator)
+        if src is None:
+            x = self.normalize(self.crop(self.load(index), generator))
+            return x if out is None else out.copy_(x)
+        if out is None:
+            out = torch.empty(src.shape, dtype=torch.float32)
+        elif tuple(out.shape) != src.shape:
+            raise ValueError(f'{self.path(index)}: item shape {src.shape} differs from the batch\'s {tuple(out.shape)}')
+        out.copy_(torch.from_numpy(src))  # float16 -> float32 is exact (and vectorized in torch, not numpy)
+        if self.norm_stats is not None:  # the kernels of ``(x - mean) / std``, in place
+            mean, std = self.norm_stats
+            out.sub_(mean).div_(std)
+        return out
+
+    def _fast_crop(self, index: int, generator: torch.Generator | None) -> np.ndarray | None:
+        """The crop of item `index` as a view of the reader's buffer, drawing the crop start as
+        `crop` does; None when the file needs the general path (nothing drawn then)."""
+        name = self.files[index]
+        try:  # os.path.join: the path `path()` gives, without building Path objects
+            arr = self._reader.read(name if self.data_root is None else os.path.join(self.data_root, name))
+        except OSError:
+            return None
+        n = self.crop_frames
+        if arr is None or arr.ndim not in (2, 3) or arr.dtype not in _FAST_DTYPES or arr.shape[-1] < n:
+            return None
+        if arr.ndim == 2:
+            arr = arr[None]
+        length, start = arr.shape[-1], 0
+        if length > n and self.random_crop:
+            start = int(torch.randint(0, length - n + 1, (1,), generator=generator))
+        self.last_crop_start = start
+        return arr[..., start:start + n]
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(files={len(self)}, crop_frames={self.crop_frames}, '

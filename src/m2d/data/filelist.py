@@ -1,6 +1,9 @@
 """File lists (`files.csv`, column `file_name`) of prepared log-mel `.npy` folders: reading,
 writing, and finding the folder their names are relative to; the errors of missing or bad data.
 
+Lists are read streaming into a `PathTable` (two numpy buffers, no Python object per name), so a
+list of millions of files costs its bytes once and stays shared with forked loader workers.
+
 The paths in a list are relative to the folder's parent, as the reference's lists are: a folder
 `data/lms_fsdd` gives entries like `lms_fsdd/0_george_0.npy`, used with `data_path=data`.
 """
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from ..errors import M2DError
 from ..fileio import atomic_path, is_temporary
+from .pathtable import PathTable
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +49,27 @@ def list_npy_files(folder: str | Path) -> list[str]:
     return sorted(found)
 
 
-def read_file_list(csv_path: str | Path) -> list[str]:
-    """The `file_name` column of a CSV file list."""
+def read_file_list(csv_path: str | Path) -> PathTable:
+    """The `file_name` column of a CSV file list, read row by row into a `PathTable`."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise MissingDataError(f'{csv_path}: no such file list')
     with open(csv_path, newline='') as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or 'file_name' not in reader.fieldnames:
-            raise DataError(f'{csv_path}: a file list needs a `file_name` column (found {reader.fieldnames})')
-        return [row['file_name'] for row in reader]
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or 'file_name' not in header:
+            raise DataError(f'{csv_path}: a file list needs a `file_name` column (found {header})')
+        column = header.index('file_name')
+
+        def names():
+            for line, row in enumerate(reader, start=2):
+                if not row:
+                    continue  # csv.DictReader skips blank lines too
+                if column >= len(row):
+                    raise DataError(f'{csv_path}, line {line}: no `file_name` value ({len(row)} columns)')
+                yield row[column]
+
+        return PathTable.from_names(names())
 
 
 def guess_data_root(csv_path: str | Path, names: Sequence[str]) -> Path:
@@ -69,12 +84,12 @@ def guess_data_root(csv_path: str | Path, names: Sequence[str]) -> Path:
     return candidates[0]
 
 
-def resolve_list(source: str | Path, data_root: str | Path | None = None) -> tuple[list[str], Path]:
-    """The names a folder of `.npy` files or a CSV list holds, and the folder they are relative to
-    (`data_root` when given, else the folder itself or the one `guess_data_root` finds)."""
+def resolve_list(source: str | Path, data_root: str | Path | None = None) -> tuple[PathTable, Path]:
+    """The names a folder of `.npy` files or a CSV list holds (a `PathTable`), and the folder they
+    are relative to (`data_root` when given, else the folder itself or the one `guess_data_root` finds)."""
     source = Path(source)
     if source.is_dir():
-        return list_npy_files(source), Path(data_root) if data_root is not None else source
+        return PathTable.from_names(list_npy_files(source)), Path(data_root) if data_root is not None else source
     if not source.is_file():
         raise MissingDataError(f'{source}: no such folder or file list')
     names = read_file_list(source)

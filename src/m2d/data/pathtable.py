@@ -45,7 +45,8 @@ class PathTable(Sequence):
             blob += data
             total += len(data)
             ends.append(total)
-        return cls(np.frombuffer(bytes(blob), dtype=np.uint8), np.frombuffer(ends, dtype=np.int64).copy())
+        # views of the buffers just built (no copy: the peak while reading a list is the names' bytes once)
+        return cls(np.frombuffer(blob, dtype=np.uint8), np.frombuffer(ends, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.ends)

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from ..normstats import parse_mean_std
 from .datasets import EPS, LMSDataset, NoiseMixDataset, compute_norm_stats, inflate_files, log_mix_exp
 from .filelist import DataError, guess_data_root, read_file_list
+from .pathtable import PathTable
 from .stats import RunningStats
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class SpeechTeacherDataset(Dataset):
     'target_offline' ``[crop_frames // patch_width, D]``.
 
     Args:
-        files: CSV (column ``file_name``) or list of ``.npz`` paths, relative to `data_root`.
+        files: CSV (column ``file_name``) or list of ``.npz`` paths, relative to `data_root` (held
+            in a `PathTable`: no Python object per name).
         crop_frames: LMS frames per item (a multiple of `patch_width`).
         patch_width: LMS frames per time patch (even: 2 -> 1 teacher frame per patch, 4 -> 2 averaged).
         norm_stats: (mean, std) of the clean LMS; None computes them from random crops.
@@ -73,7 +75,7 @@ class SpeechTeacherDataset(Dataset):
             listed = read_file_list(files)
             data_root = data_root if data_root is not None else guess_data_root(files, listed)
         else:
-            listed = [str(f) for f in files]
+            listed = PathTable.from_names(str(f) for f in files)
         if not listed:
             raise DataError(f'{files if isinstance(files, (str, Path)) else "files"}: the file list is empty')
         self.data_root = Path(data_root) if data_root is not None else None

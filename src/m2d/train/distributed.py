@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
@@ -101,9 +102,31 @@ class ResumableSampler(DistributedSampler):
         super().set_epoch(epoch)
         self.start = int(start)
 
+    def indices(self) -> np.ndarray:
+        """This rank's indices of the epoch (int64), those of `DistributedSampler`: the seeded
+        permutation padded cyclically to a multiple of the world size, every `num_replicas`-th."""
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).numpy()
+        else:
+            order = np.arange(n, dtype=np.int64)
+        if self.drop_last:
+            order = order[:self.total_size]
+        elif self.total_size > n:
+            order = np.concatenate([order, np.resize(order, self.total_size - n)])
+        return order[self.rank:self.total_size:self.num_replicas]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.start:]
-        return iter([(self.epoch, i) for i in indices])
+        # An array, not a list of 2 million Python ints and tuples: keys are made as they are taken.
+        return _keys(self.epoch, self.indices()[self.start:])
 
     def __len__(self) -> int:
         return max(self.num_samples - self.start, 0)
+
+
+def _keys(epoch: int, indices: np.ndarray, chunk: int = 4096) -> Iterator[tuple[int, int]]:
+    for begin in range(0, len(indices), chunk):
+        for i in indices[begin:begin + chunk].tolist():
+            yield epoch, i

@@ -66,22 +66,44 @@ def _data_root(opts: TrainConfig) -> str | None:
     return opts.data_path or None
 
 
+# The main set built for the statistics, kept for `build_dataset` so that the list is read once.
+_STATS_SET: dict[tuple, LMSDataset] = {}
+
+
+def _main_set_key(opts: TrainConfig) -> tuple:
+    path = Path(opts.csv_main)
+    try:
+        st = path.stat()
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        stamp = None
+    return str(path.resolve()), stamp, _data_root(opts), opts.input_hw[1]
+
+
 def compute_stats(opts: TrainConfig) -> tuple[float, float]:
-    """Normalization statistics of the main set: ~10,000 random crops (`compute_norm_stats`)."""
+    """Normalization statistics of the main set: ~10,000 random crops (`compute_norm_stats`).
+    The set is kept for `build_dataset`, which would otherwise read the list a second time."""
+    _STATS_SET.clear()
     raw = LMSDataset(opts.csv_main, data_root=_data_root(opts), crop_frames=opts.input_hw[1], norm_stats=None)
-    return compute_norm_stats(raw, n_samples=opts.norm_stats_samples, seed=opts.seed, progress=True)
+    stats = compute_norm_stats(raw, n_samples=opts.norm_stats_samples, seed=opts.seed, progress=True)
+    _STATS_SET[_main_set_key(opts)] = raw
+    return stats
 
 
 def build_dataset(opts: TrainConfig, norm_stats: tuple[float, float] | None) -> Dataset:
     """The training set: `LMSDataset` for audio, `m2d.data.speech.build_speech_dataset` for M2D-S/X.
 
     Audio sets need `norm_stats`; speech sets compute theirs when it is None (``dataset.norm_stats``).
+    An audio set takes over the names `compute_stats` read (same list file, unchanged since).
     """
+    raw = _STATS_SET.pop(_main_set_key(opts), None)
+    _STATS_SET.clear()
     if opts.is_speech:
         ns = opts.to_namespace(norm_stats=list(norm_stats) if norm_stats else None, data_path=_data_root(opts),
                                crop_frames=opts.input_hw[1])
         return build_speech_dataset(ns)
-    return LMSDataset(opts.csv_main, data_root=_data_root(opts), crop_frames=opts.input_hw[1], norm_stats=norm_stats,
+    files, data_root = (raw.files, raw.data_root) if raw is not None else (opts.csv_main, _data_root(opts))
+    return LMSDataset(files, data_root=data_root, crop_frames=opts.input_hw[1], norm_stats=norm_stats,
                       random_crop=True, min_ds_size=opts.min_ds_size)
 
 
@@ -101,8 +123,8 @@ def make_loader(opts: TrainConfig, env: distributed.DistEnv,
                         f'--batch_size {opts.batch_size}; use a smaller batch or a larger --min_ds_size')
     pin = opts.pin_mem if opts.pin_mem is not None else env.device.type == 'cuda'
     loader = DataLoader(items, batch_size=opts.batch_size, sampler=sampler, num_workers=opts.num_workers,
-                        pin_memory=pin, drop_last=True,
-                        persistent_workers=opts.num_workers > 0)
+                        pin_memory=pin, drop_last=True, collate_fn=seeding.collate,
+                        worker_init_fn=seeding.freeze_inherited_objects, persistent_workers=opts.num_workers > 0)
     return items, sampler, loader
 
 

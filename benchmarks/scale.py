@@ -23,8 +23,8 @@ samples_per_s_per_worker and samples_per_s_per_worker_float16 (the training load
 mask 0.7, total samples/s divided by `--workers`, median of `--repeats`), samples_per_worker_cpu_s and
 samples_per_worker_cpu_s_float16 (samples per CPU second the workers used: what a worker core gives,
 much less affected by other load on a shared machine than wall clock), bytes_per_sample (file bytes
-read per sample, float32 and float16), convert_plan_s and convert_plan_mb (planning `m2d convert` of
-`--entries` source files into an empty folder: time and peak RSS growth; `--convert_entries` plans
+read per sample, float32 and float16), convert_plan_s and convert_plan_mb (planning `m2d convert --files LIST` of
+`--entries` listed source files into an empty folder: time and peak RSS growth; `--convert_entries` plans
 fewer and scales linearly, marked by `convert_plan_extrapolated_from`), stats_s (`m2d stats` on the
 list with its default options; when that takes longer than `--stats_timeout` it is stopped and timed
 on the first `--stats_probe` rows instead, scaled linearly: `stats_extrapolated_from` says so),
@@ -32,7 +32,7 @@ loadavg, cpu.
 
 Each measurement runs in a forked child, so one does not inflate the next. It runs against an older
 tree too (``PYTHONPATH=OLD_TREE/src``; it uses only `LMSDataset`, `ResumableSampler`,
-`loop.build_dataset` / `make_loader`, `jobs.plan` and `m2d stats`), which is how the before numbers
+`loop.build_dataset` / `make_loader`, `jobs.plan` (before `m2d.data.convert.plan_convert` existed) and `m2d stats`), which is how the before numbers
 in benchmarks/README.md were taken (6e33ba4).
 """
 
@@ -233,23 +233,35 @@ def measure_throughput(csv: Path, workers: int, batch_size: int, samples: int, r
             'per_cpu_s_runs': per_cpu}
 
 
-def plan_convert(n: int, dest: Path):
-    """`m2d convert`'s planning of `n` source files (adapt here when its planning function changes)."""
-    from m2d import jobs
+def write_source_list(n: int, folder: Path) -> tuple[Path, Path]:
+    """An empty SRC folder and a `--files` list of `n` AudioSet-like source names (planning reads no
+    audio, so the listed files need not exist)."""
+    src, listed = folder / 'convert_src', folder / 'convert_files.txt'
+    src.mkdir(exist_ok=True)
+    with open(listed, 'w') as f:
+        for i in range(n):
+            f.write(f'unbalanced_train_segments/Y{i:011d}.wav\n')
+    return src, listed
 
-    pairs = ((Path(f'/audioset/unbalanced_train_segments/Y{i:011d}.wav'), f'unbalanced_train_segments/Y{i:011d}')
-             for i in range(n))
-    plan = jobs.plan(None, dest, name='convert', items=pairs)
-    count = len(plan.todo)
-    plan.release()
+
+def plan_convert(src: Path, listed: Path, dest: Path) -> int:
+    """`m2d convert SRC DEST --files LIST`'s planning step (adapt here when its planning function changes)."""
+    from m2d.data.convert import plan_convert as plan
+
+    planned = plan(src, dest, files=listed)
+    count = len(planned.todo)
+    planned.release()
     return count
 
 
 def measure_convert_plan(n: int, dest: Path) -> dict:
+    import m2d.data.convert  # noqa: F401  (imports are not planning)
+
+    src, listed = write_source_list(n, dest.parent)
     reset_peak()
     before = rss_mb()
     t0 = time.perf_counter()
-    count = plan_convert(n, dest)
+    count = plan_convert(src, listed, dest)
     return {'convert_plan_s': time.perf_counter() - t0, 'convert_plan_mb': rss_mb('VmHWM') - before,
             'convert_planned': count}
 

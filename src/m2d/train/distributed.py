@@ -76,6 +76,27 @@ def broadcast_object(obj: Any, env: DistEnv) -> Any:
     return box[0]
 
 
+def mean_and_any(value: torch.Tensor, flag: bool, env: DistEnv) -> tuple[float, bool]:
+    """The mean of a scalar tensor over all processes and whether any process's `flag` is set, in one
+    all-reduce (a sum of ``[value, flag]``): the loop shares stop requests at no extra cost."""
+    if not env.distributed:
+        return value.item(), bool(flag)
+    both = torch.stack([value.detach().float().reshape(()), value.new_tensor(float(flag), dtype=torch.float32)])
+    dist.all_reduce(both, op=dist.ReduceOp.SUM)
+    mean, votes = (both[0] / env.world_size).item(), both[1].item()
+    return mean, votes > 0
+
+
+def gather_errors(error: str | None, env: DistEnv) -> list[tuple[int, str]]:
+    """Every process's `error` (None: no error), as (rank, message) pairs; every rank gets the same list,
+    so all of them stop together, none waits in a later collective for one that has left."""
+    if not env.distributed:
+        return [(0, error)] if error else []
+    errors: list[str | None] = [None] * env.world_size
+    dist.all_gather_object(errors, error)
+    return [(rank, e) for rank, e in enumerate(errors) if e]
+
+
 def mean_over_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """The mean of a tensor over all processes (itself when alone)."""
     if not env.distributed:

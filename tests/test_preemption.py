@@ -110,6 +110,26 @@ def test_stop_signals_set_a_flag_and_restore():
     assert preemption.slurm_job_id({'SLURM_JOB_ID': '8', 'SLURM_ARRAY_JOB_ID': '5', 'SLURM_ARRAY_TASK_ID': '2'}) == '5_2'
 
 
+def fake_scontrol(folder: Path) -> Path:
+    """A stand-in `scontrol` on PATH that records its arguments in folder/scontrol.args."""
+    folder.mkdir(exist_ok=True)
+    exe = folder / 'scontrol'
+    exe.write_text(f'#!/bin/sh\necho "$@" >> {folder / "scontrol.args"}\n')
+    exe.chmod(0o755)
+    return folder / 'scontrol.args'
+
+
+def test_requeue_runs_scontrol_with_the_job_id(tmp_path, monkeypatch):
+    from m2d.train import preemption
+
+    calls = fake_scontrol(tmp_path / 'bin')
+    monkeypatch.setenv('PATH', f'{tmp_path / "bin"}{os.pathsep}{os.environ["PATH"]}')
+    assert preemption.requeue({'SLURM_JOB_ID': '8', 'SLURM_ARRAY_JOB_ID': '5', 'SLURM_ARRAY_TASK_ID': '2'})
+    assert calls.read_text() == 'requeue 5_2\n'
+    assert not preemption.requeue({})  # not under SLURM: a warning, no call
+    assert calls.read_text() == 'requeue 5_2\n'
+
+
 @pytest.mark.slow
 def test_sigterm_mid_epoch_saves_exits_75_and_resumes_bit_identical(lms_csv, tmp_path):
     # 16 files, batch 4: 4 steps per epoch, 2 epochs; a checkpoint only at the end of each epoch
@@ -119,8 +139,12 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resumes_bit_identical(lms_csv, tmp
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert a.returncode == 0, a.stderr[-3000:]
 
-    proc = subprocess.Popen([sys.executable, '-c', PAUSING_PRETRAIN, '5', *common, '--output_dir', 'b'],
-                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # --slurm_requeue requeues after SIGUSR1 (time limit) only: SIGTERM (preemption, scancel) does not
+    calls = fake_scontrol(tmp_path / 'bin')
+    env = dict(ENV, SLURM_JOB_ID='99', PATH=f'{tmp_path / "bin"}{os.pathsep}{ENV["PATH"]}')
+    proc = subprocess.Popen([sys.executable, '-c', PAUSING_PRETRAIN, '5', *common, '--output_dir', 'b',
+                             '--slurm_requeue'], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     wait_for(tmp_path / 'at-step-5-rank-0', [proc])
     signalled_at = time.time()
     proc.send_signal(signal.SIGTERM)
@@ -134,6 +158,7 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resumes_bit_identical(lms_csv, tmp
     assert (ck['step'], ck['epoch'], ck['iter_in_epoch']) == (6, 1, 2)  # the step after the signal, mid-epoch 2
     assert last.stat().st_mtime >= signalled_at - 1
     assert not (tmp_path / 'b' / 'checkpoint-2.pth').exists()
+    assert not calls.exists()
 
     # leftovers of killed writes: ours go, anything else stays
     ours = [tmp_path / 'b' / n for n in ('.checkpoint-last.pth.ab_12cd3.tmp.pth', '.checkpoint-last.pth.tmp-link',

@@ -152,7 +152,8 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resumes_bit_identical(lms_csv, tmp
     seconds = time.time() - signalled_at
     assert proc.returncode == EXIT_STOPPED, err[-3000:]
     assert seconds < 30, f'exit took {seconds:.1f} s after SIGTERM'
-    assert 'stopped by SIGTERM at step 6' in err and 'continue with --resume auto' in err
+    assert 'stop requested (SIGTERM) at step 6' in err and 'stopped by SIGTERM at step 6' in err
+    assert 'continue with --resume auto' in err
     last = tmp_path / 'b' / 'checkpoint-last.pth'
     ck = load_ckpt(last)
     assert (ck['step'], ck['epoch'], ck['iter_in_epoch']) == (6, 1, 2)  # the step after the signal, mid-epoch 2

@@ -455,7 +455,7 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
                 if any_signal and not signalled:
                     signalled = True
                     log.info('stop requested (%s) at step %d: saving at the next optimizer step, then exiting',
-                             preemption.received() or 'signal on another rank', step + 1)
+                             preemption.received_name(), step + 1)
                 _check_finite('loss', loss_value, step, epoch, it, checkpoints.last)
                 with _no_sync(model, sync):
                     scaler.scale(loss / opts.accum_iter).backward()
@@ -515,7 +515,7 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
             monitor.close()
     stopped_by = None
     if signalled:
-        stopped_by = preemption.received().name if preemption.received() else 'a signal to another rank'
+        stopped_by = preemption.received_name()
         log.info('stopped by %s at step %d (epoch %.2f): %s written; run the same command with --resume auto to '
                  'continue (exit status %d)', stopped_by, step, epoch_pos, checkpoints.last or state.LAST,
                  preemption.EXIT_STOPPED)

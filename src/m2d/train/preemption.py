@@ -32,6 +32,11 @@ def received() -> signal.Signals | None:
     return _received
 
 
+def received_name() -> str:
+    """The name of `received` (``SIGTERM``), or what stopped this rank when it got none itself."""
+    return _received.name if _received is not None else 'a signal to another rank'
+
+
 class StopSignals:
     """Installs flag-setting handlers for SIGTERM and SIGUSR1 (main thread only); `restore` puts the
     previous handlers back. Processes forked later (data-loader workers) inherit them, so a signal

@@ -31,9 +31,11 @@ EXIT_STOPPED = 75
 # `m2d pretrain` whose process, after step AT, writes 'at-step-AT-rank-R' and waits for a stop signal
 # (rank 1 of a two-rank run does not wait: it blocks in the next step's all-reduce until rank 0 goes on)
 PAUSING_PRETRAIN = """
-import argparse, os, pathlib, sys, time
+import argparse, logging, os, pathlib, sys, time
 from m2d.commands import pretrain
 from m2d.train import preemption
+
+logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')
 
 at = int(sys.argv[1])
 rank = int(os.environ.get('RANK', '0'))

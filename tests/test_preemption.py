@@ -144,12 +144,13 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resumes_bit_identical(lms_csv, tmp
     # --slurm_requeue requeues after SIGUSR1 (time limit) only: SIGTERM (preemption, scancel) does not
     calls = fake_scontrol(tmp_path / 'bin')
     env = dict(ENV, SLURM_JOB_ID='99', PATH=f'{tmp_path / "bin"}{os.pathsep}{ENV["PATH"]}')
+    # with loader workers, in a process group of its own: SIGTERM to every process, as SLURM sends it
     proc = subprocess.Popen([sys.executable, '-c', PAUSING_PRETRAIN, '5', *common, '--output_dir', 'b',
-                             '--slurm_requeue'], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                             '--slurm_requeue', '--num_workers', '2'], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(tmp_path / 'at-step-5-rank-0', [proc])
     signalled_at = time.time()
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     seconds = time.time() - signalled_at
     assert proc.returncode == EXIT_STOPPED, err[-3000:]

@@ -106,7 +106,7 @@ def make_loader(opts: TrainConfig, env: distributed.DistEnv,
     pin = opts.pin_mem if opts.pin_mem is not None else env.device.type == 'cuda'
     loader = DataLoader(items, batch_size=opts.batch_size, sampler=sampler, num_workers=opts.num_workers,
                         pin_memory=pin, drop_last=True,
-                        persistent_workers=opts.num_workers > 0)
+                        persistent_workers=opts.num_workers > 0, worker_init_fn=preemption.ignore_in_worker)
     return items, sampler, loader
 
 
@@ -328,7 +328,7 @@ def train(opts: TrainConfig, eval_command: Sequence[str] | None = None,
     on_step: called with the step count after every micro-step (tests, tools).
     """
     opts.check()
-    signals = preemption.StopSignals().install()  # before the loader forks its workers: they inherit it
+    signals = preemption.StopSignals().install()
     try:
         env = distributed.setup(opts.device)
         run_log = RunLog(env.is_main)
@@ -545,7 +545,8 @@ class _FeatureBatches:
 
     def __init__(self, items: seeding.SeededItems, indices: list[int], batch_size: int, num_workers: int):
         self.loader = DataLoader(torch.utils.data.Subset(items, indices), batch_size=batch_size,
-                                 num_workers=min(num_workers, 4), shuffle=False)
+                                 num_workers=min(num_workers, 4), shuffle=False,
+                                 worker_init_fn=preemption.ignore_in_worker)
 
     def __iter__(self):
         return iter(self.loader)

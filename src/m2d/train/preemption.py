@@ -39,8 +39,7 @@ def received_name() -> str:
 
 class StopSignals:
     """Installs flag-setting handlers for SIGTERM and SIGUSR1 (main thread only); `restore` puts the
-    previous handlers back. Processes forked later (data-loader workers) inherit them, so a signal
-    sent to the whole job does not kill a worker under the loader."""
+    previous handlers back. Data-loader workers ignore both (`ignore_in_worker`)."""
 
     def __init__(self):
         self._previous: dict[int, object] = {}
@@ -70,6 +69,14 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+def ignore_in_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of the data loaders: a worker ignores SIGTERM and SIGUSR1 (SLURM signals every
+    process of the job; torch's workers would die of SIGTERM and take the run down before it saves).
+    The main process stops the run and its workers; a worker whose parent dies exits by itself."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _handle(signum: int, frame) -> None:

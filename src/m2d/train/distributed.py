@@ -58,12 +58,16 @@ def setup(device: str = 'cpu') -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def cleanup(finished: bool = False) -> None:
-    """Leave the process group. After a finished run every rank waits for the others first: a rank
-    that tears down its gloo group while a peer still writes a checkpoint can abort at exit."""
+def barrier(env: DistEnv) -> None:
+    """Every process waits here for the others (nothing when alone)."""
+    if env.distributed:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group. A finished run has met in a `barrier` after its last checkpoint: a
+    rank that tears down its gloo group while a peer still writes a checkpoint can abort at exit."""
     if dist.is_initialized():
-        if finished:
-            dist.barrier()
         dist.destroy_process_group()
 
 

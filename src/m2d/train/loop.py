@@ -332,14 +332,11 @@ def train(opts: TrainConfig, eval_command: Sequence[str] | None = None,
     try:
         env = distributed.setup(opts.device)
         run_log = RunLog(env.is_main)
-        finished = False
         try:
-            result = _train(opts, env, run_log, eval_command or LINEAR_EVAL, on_step, signals)
-            finished = True
-            return result
+            return _train(opts, env, run_log, eval_command or LINEAR_EVAL, on_step, signals)
         finally:
             run_log.close()
-            distributed.cleanup(finished)
+            distributed.cleanup()
     finally:
         signals.restore()
 
@@ -505,6 +502,10 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
                 checkpoints.save(epoch_done, 0, step)
             monitor.write_all(r.record() for r in evaluator.poll())
 
+        checkpoints.wait()
+        # every checkpoint is on disk: the other ranks may leave (and free their GPUs) while rank 0 runs
+        # the final evaluation, which can take longer than the process group's timeout
+        distributed.barrier(env)
         if not signalled:
             monitor.write_all(r.record() for r in evaluator.finish(checkpoints.last, math.ceil(epoch_pos), step))
     finally:

@@ -295,3 +295,43 @@ def test_eval_device_keeps_training_gpus_free(monkeypatch):
     assert eval_device('auto', DistEnv(rank=0, world_size=4, device=torch.device('cuda', 0))) == 'cuda:2'
     with pytest.raises(ConfigError, match='--eval_device'):
         TrainConfig(eval_device='gpu7').check()
+
+
+def test_wall_clock_checkpoints_and_the_same_command_continues_its_folder(lms_csv, tmp_path, monkeypatch):
+    """--save_every_minutes writes checkpoint-last.pth mid-epoch once the time has passed (a fake clock
+    here: 1 minute per step); 0 turns it off. Started again with --resume auto and other operational
+    options, the same command finds its default run folder and continues it."""
+    from m2d.train import state, train
+    from m2d.train.config import TrainConfig
+
+    clock = [0.0]
+    monkeypatch.setattr(state.time, 'monotonic', lambda: clock[0])
+    kw = dict(model='m2d_vit_tiny', depth=1, decoder_depth=1, decoder_embed_dim=64, decoder_num_heads=2,
+              input_size='80x96', min_ds_size=0, feature_eval_freq=0, csv_main=str(lms_csv), batch_size=4, epochs=2,
+              save_freq=2, norm_stats='-2.2,4.7', num_workers=0, device='cpu', output_root=str(tmp_path / 'runs'))
+    seen = {}
+
+    def on_step(step):
+        clock[0] += 60.0
+        last = next((tmp_path / 'runs').glob('*/checkpoint-last.pth'), None)
+        seen[step] = state.load(last)['step'] if last else None
+
+    res = train(TrainConfig(**kw, save_every_minutes=2, max_steps=6), on_step=on_step)
+    # 4 steps per epoch; the step-s check sees minute s-1: due at step 3 (mid-epoch), again at the end
+    # of epoch 1 (after the hook of step 4: minute 4), then the --max_steps stop at step 6
+    assert seen == {1: None, 2: None, 3: 3, 4: 3, 5: 4, 6: 6}
+    seen.clear()
+    again = train(TrainConfig(**kw, save_every_minutes=0, resume='auto', log_every=1), on_step=on_step)
+    assert again.output_dir == res.output_dir and again.step == 8
+    assert seen == {7: 6, 8: 6}  # the epoch checkpoint after the hook of step 8
+    assert state.load(res.output_dir / 'checkpoint-last.pth')['step'] == 8
+    # the cadence itself: 30 minutes by default, 0 never
+    default, off = (state.Checkpointer(tmp_path, None, None, None, None, 1, 1, every_minutes=m)
+                    for m in (TrainConfig().save_every_minutes, 0))
+    clock[0] += 30 * 60 - 1
+    assert not default.due() and not off.due()
+    clock[0] += 1
+    assert default.due() and not off.due()
+    clock[0] += 1e9
+    assert not off.due()
+    assert [p.name for p in (tmp_path / 'runs').iterdir()] == [res.output_dir.name]

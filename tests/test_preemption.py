@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -109,7 +108,8 @@ def test_stop_signals_set_a_flag_and_restore():
         assert preemption.received() == signal.SIGUSR1  # the first signal is the one reported
     assert signal.getsignal(signal.SIGUSR1) is before
     assert preemption.slurm_job_id({'SLURM_JOB_ID': '7'}) == '7'
-    assert preemption.slurm_job_id({'SLURM_JOB_ID': '8', 'SLURM_ARRAY_JOB_ID': '5', 'SLURM_ARRAY_TASK_ID': '2'}) == '5_2'
+    array_task = {'SLURM_JOB_ID': '8', 'SLURM_ARRAY_JOB_ID': '5', 'SLURM_ARRAY_TASK_ID': '2'}
+    assert preemption.slurm_job_id(array_task) == '5_2'
 
 
 def fake_scontrol(folder: Path) -> Path:

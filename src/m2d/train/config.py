@@ -308,7 +308,8 @@ class TrainConfig:
             try:
                 torch.device(self.eval_device)
             except (RuntimeError, ValueError):
-                raise ConfigError(f'--eval_device must be auto, cpu, cuda or cuda:N, got {self.eval_device!r}') from None
+                raise ConfigError(f'--eval_device must be auto, cpu, cuda or cuda:N, '
+                                  f'got {self.eval_device!r}') from None
         self.eval_task_args()
         return self
 

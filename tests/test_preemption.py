@@ -261,6 +261,39 @@ def test_a_node_that_cannot_read_the_resume_file_stops_every_rank(lms_csv, tmp_p
     assert seconds < 60, f'{seconds:.0f} s to stop'
 
 
+RESUME_EVERYWHERE = """
+from pathlib import Path
+from m2d.train import distributed, state
+from m2d.train.config import ConfigError
+
+env = distributed.setup('cpu')
+try:
+    path, ckpt = state.open_resume_everywhere('auto', Path('run'), env)
+    print('resumes', path, ckpt['step'])
+except ConfigError as e:
+    print('error:', e)
+distributed.cleanup()
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason='torch.distributed is not available')
+def test_a_rank_with_another_copy_of_the_resume_file_stops_every_rank(tmp_path):
+    """Each rank's own folder holds a 'run/checkpoint-last.pth': rank 1's copy is of another step."""
+    port = _free_port()
+    procs = []
+    for rank, step in enumerate((6, 4)):
+        (tmp_path / f'node{rank}' / 'run').mkdir(parents=True)
+        torch.save({'model': {}, 'step': step}, tmp_path / f'node{rank}' / 'run' / 'checkpoint-last.pth')
+        env = dict(ENV, RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, '-c', RESUME_EVERYWHERE], cwd=tmp_path / f'node{rank}', env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    for out, err in outs:
+        assert out.startswith('error: --resume auto: rank 1 cannot read run/checkpoint-last.pth that rank 0 resumes '
+                              "from (step 4 in its copy, not rank 0's 6); the run folder must be on a filesystem "
+                              'every node sees'), out + err[-2000:]
+
+
 def test_default_run_folder_is_the_same_for_the_same_command():
     from m2d.train.config import TrainConfig
 

@@ -30,7 +30,9 @@ Precision: bfloat16 autocast on GPUs that support it, float16 with loss scaling 
 Preemption: SIGTERM or SIGUSR1 (sbatch --signal=USR1@120) to any process makes every rank stop at the
 same optimizer step; rank 0 writes checkpoint-last.pth and every process exits with status 75. The same
 command with --resume auto continues the run exactly. checkpoint-last.pth is also written every
---save_every_minutes (30). Under torchrun, torchrun itself exits with 1 whenever a worker exits non-zero.
+--save_every_minutes (30). torchrun passes SIGUSR1 on only with --signals_to_handle
+SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1, and itself exits with 1 whenever a worker exits non-zero;
+--slurm_requeue requeues the job after SIGUSR1. See README "Pre-train at scale" for an sbatch script.
 exit status: 0 done, 2 bad options or data, 3 non-finite loss (the last good checkpoint is named),
 75 stopped by SIGTERM/SIGUSR1 with checkpoint-last.pth written (run again with --resume auto).
 """

@@ -368,3 +368,50 @@ def test_wall_clock_checkpoints_and_the_same_command_continues_its_folder(lms_cs
     clock[0] += 1e9
     assert not off.due()
     assert [p.name for p in (tmp_path / 'runs').iterdir()] == [res.output_dir.name]
+
+
+# Stands in for `m2d linear-eval`: the final evaluation (with baselines) of mode 'slow' announces itself in
+# the file MARKER and sleeps; any other evaluation writes report.json at once
+SLOW_EVAL = """
+import json, pathlib, sys, time
+mode, marker, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+if mode == 'slow' and '--no_baselines' not in argv:
+    pathlib.Path(marker).touch()
+    time.sleep(120)
+out = pathlib.Path(argv[argv.index('--output_dir') + 1])
+out.mkdir(parents=True, exist_ok=True)
+(out / 'report.json').write_text(json.dumps({'task': 't', 'metric': 'accuracy', 'model': {'mean': 0.5}}))
+"""
+
+
+def test_a_signal_during_the_final_evaluation_stops_it_and_resume_evaluates_again(lms_csv, tmp_path):
+    import threading
+
+    from m2d.train import train
+    from m2d.train.config import TrainConfig
+
+    script, marker = tmp_path / 'slow_eval.py', tmp_path / 'final-eval-started'
+    script.write_text(SLOW_EVAL)
+    kw = dict(model='m2d_vit_tiny', depth=1, decoder_depth=1, decoder_embed_dim=64, decoder_num_heads=2,
+              input_size='80x96', min_ds_size=0, feature_eval_freq=0, csv_main=str(lms_csv), batch_size=8, epochs=1,
+              norm_stats='-2.2,4.7', num_workers=0, device='cpu', output_dir=str(tmp_path / 'run'), eval=str(tmp_path))
+    signalled_at = []
+
+    def signal_when_the_final_evaluation_runs():
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signalled_at.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=signal_when_the_final_evaluation_runs, daemon=True)
+    watcher.start()
+    res = train(TrainConfig(**kw), eval_command=[sys.executable, str(script), 'slow', str(marker)])
+    watcher.join(5)
+    assert marker.exists() and res.stopped_by == 'SIGTERM' and res.step == 2
+    assert time.monotonic() - signalled_at[0] < 30  # not the evaluation's 120 s
+    assert not (tmp_path / 'run' / 'eval_summary.json').exists()
+
+    again = train(TrainConfig(**kw, resume='auto'), eval_command=[sys.executable, str(script), 'ok', str(marker)])
+    assert again.stopped_by is None and again.step == 2
+    assert (tmp_path / 'run' / 'eval_summary.json').is_file()

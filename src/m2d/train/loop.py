@@ -506,8 +506,10 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
         # every checkpoint is on disk: the other ranks may leave (and free their GPUs) while rank 0 runs
         # the final evaluation, which can take longer than the process group's timeout
         distributed.barrier(env)
-        if not signalled:
-            monitor.write_all(r.record() for r in evaluator.finish(checkpoints.last, math.ceil(epoch_pos), step))
+        if not signalled:  # (only rank 0 evaluates: the stop below needs no agreement)
+            monitor.write_all(r.record() for r in evaluator.finish(checkpoints.last, math.ceil(epoch_pos), step,
+                                                                   stop=lambda: signals.requested))
+            signalled = evaluator.interrupted
     finally:
         try:
             checkpoints.close()  # a background write finishes (or its error is raised) before the run ends

@@ -87,7 +87,8 @@ def mean_and_any(value: torch.Tensor, flag: bool, env: DistEnv) -> tuple[float, 
         return value.item(), bool(flag)
     both = torch.stack([value.detach().float().reshape(()), value.new_tensor(float(flag), dtype=torch.float32)])
     dist.all_reduce(both, op=dist.ReduceOp.SUM)
-    mean, votes = (both[0] / env.world_size).item(), both[1].item()
+    both[0] /= env.world_size  # in float32, as the mean was computed before
+    mean, votes = both.tolist()  # one device sync
     return mean, votes > 0
 
 

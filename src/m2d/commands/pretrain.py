@@ -4,6 +4,7 @@ many with ``torchrun --nproc_per_node N -m m2d pretrain ...``)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..train.config import add_arguments as _add_arguments
 
@@ -20,12 +21,20 @@ examples:
   torchrun --nproc_per_node 4 -m m2d pretrain --csv_main data/audioset_lms/files.csv --resume auto \\
       --output_dir runs/m2d_vit_base-80x608p16x16-240101-mr7
 
-The run folder (default runs/MODEL-FxTpPHxPWpSRk-YYMMDD-mrN) is created once the data and the
-model are built; it receives checkpoint-EPOCH.pth, checkpoint-last.pth, log.jsonl, train.log,
+The run folder (default runs/MODEL-FxTpPHxPWpSRk-SETTINGS-mrN, SETTINGS a hash of the options that
+change the weights, so the same command always names the same folder) is created once the data and
+the model are built; it receives checkpoint-EPOCH.pth, checkpoint-last.pth, log.jsonl, train.log,
 training_curves.png and, with --eval, eval/epoch-N/ and eval_summary.md.
 Precision: bfloat16 autocast on GPUs that support it, float16 with loss scaling on those that do not
 (--fp32 to opt out), float32 on a CPU (--bf16 to ask for bfloat16); the choice is logged.
-exit status: 0 done, 2 bad options or data, 3 non-finite loss (the last good checkpoint is named).
+Preemption: SIGTERM or SIGUSR1 (sbatch --signal=USR1@120) to any process makes every rank stop at the
+same optimizer step; rank 0 writes checkpoint-last.pth and every process exits with status 75. The same
+command with --resume auto continues the run exactly. checkpoint-last.pth is also written every
+--save_every_minutes (30). torchrun passes SIGUSR1 on only with --signals_to_handle
+SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1, and itself exits with 1 whenever a worker exits non-zero;
+--slurm_requeue requeues the job after SIGUSR1. See README "Pre-train at scale" for an sbatch script.
+exit status: 0 done, 2 bad options or data, 3 non-finite loss (the last good checkpoint is named),
+75 stopped by SIGTERM/SIGUSR1 with checkpoint-last.pth written (run again with --resume auto).
 """
 
 
@@ -39,7 +48,13 @@ def run(args: argparse.Namespace) -> int:
     from ..train.config import config_from_args
     from ..train.loop import train
 
+    from ..train.preemption import EXIT_STOPPED
+
     result = train(config_from_args(args))
     if result.is_main:
         print(result.checkpoint or result.output_dir)
+    if result.stopped_by:
+        print(f'm2d pretrain: stopped by {result.stopped_by} at step {result.step}; continue with --resume auto '
+              f'(exit status {EXIT_STOPPED})', file=sys.stderr)
+        return EXIT_STOPPED
     return 0

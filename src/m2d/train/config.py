@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,8 @@ class TrainConfig:
     save_freq: int | None = None
     save_freq_steps: int = 0
     checkpoint_writes: str = 'sync'
+    save_every_minutes: float = 30.0
+    slurm_requeue: bool = False
     feature_eval_freq: int = 10
     feature_eval_samples: int = 1000
     log_every: int = 20
@@ -109,6 +112,7 @@ class TrainConfig:
     eval: str = ''
     eval_data_dir: str = ''
     eval_every: int = 0
+    eval_device: str = 'auto'
 
     def __post_init__(self) -> None:
         """Options left at None take the value of the model family's recipe (`RECIPES`)."""
@@ -200,12 +204,22 @@ class TrainConfig:
     def effective_batch_size(self, world_size: int) -> int:
         return self.batch_size * self.accum_iter * world_size
 
-    def default_run_name(self, date: datetime.date | None = None) -> str:
-        """``MODEL-FxTpPHxPWpSRk-YYMMDD-mrN``: a name `m2d.checkpoint.parse_model_name` reads back."""
+    def settings_id(self) -> str:
+        """8 hex digits that identify what this run trains: a hash of the options that are not at their
+        default, leaving out those that do not change the weights (`OPERATIONAL`). The same command,
+        on any day and whatever its --resume, --num_workers or logging options, gives the same id."""
+        default = TrainConfig(model=self.model)
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name not in OPERATIONAL and getattr(self, f.name) != getattr(default, f.name)}
+        text = json.dumps(given, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+    def default_run_name(self) -> str:
+        """``MODEL-FxTpPHxPWpSRk-SETTINGS-mrN`` (SETTINGS: `settings_id`): a name
+        `m2d.checkpoint.parse_model_name` reads back, the same every time the same command starts."""
         name = ModelName(self.model, self.input_hw, self.patch_hw, self.sample_rate).format()
-        date = date or datetime.date.today()
         ratio = f'{self.mask_ratio:g}'.replace('0.', '', 1).replace('.', '')
-        return f'{name}-{date:%y%m%d}-mr{ratio}'
+        return f'{name}-{self.settings_id()}-mr{ratio}'
 
     def resolve_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path(self.output_root) / self.default_run_name()
@@ -288,6 +302,14 @@ class TrainConfig:
                               '--eval_every >= 0')
         if self.eval_every and not self.eval:
             raise ConfigError('--eval_every needs --eval TASK_OR_SUITE_FILE')
+        if self.save_every_minutes < 0:
+            raise ConfigError(f'--save_every_minutes must be >= 0 (0: off), got {self.save_every_minutes}')
+        if self.eval_device != 'auto':
+            try:
+                torch.device(self.eval_device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f'--eval_device must be auto, cpu, cuda or cuda:N, '
+                                  f'got {self.eval_device!r}') from None
         self.eval_task_args()
         return self
 
@@ -427,7 +449,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='do not pin host memory')
 
     g = parser.add_argument_group('run')
-    opt(g, 'output_dir', 'run folder (default: OUTPUT_ROOT/MODEL-FxTpPHxPWpSRk-YYMMDD-mrN)', False)
+    opt(g, 'output_dir', 'run folder (default: OUTPUT_ROOT/MODEL-FxTpPHxPWpSRk-SETTINGS-mrN, SETTINGS 8 hex '
+        'digits of a hash of the options that change the weights: the same command gives the same folder on any '
+        'day, so --resume auto continues it)', False)
     opt(g, 'output_root', 'parent of the default run folder')
     opt(g, 'log_dir', 'TensorBoard folder (default: the run folder)', False)
     opt(g, 'resume', 'continue a run: a checkpoint file of this model\'s run, or "auto" for '
@@ -442,6 +466,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt(g, 'checkpoint_writes', 'sync: the step waits while a checkpoint is written; background: the step waits '
         'only for a copy of the state in host memory while a thread writes the file (meant for GPUs; on a CPU '
         'the writer competes with the step)', choices=CHECKPOINT_WRITES)
+    opt(g, 'save_every_minutes', 'also write checkpoint-last.pth (at an optimizer step) when this many minutes '
+        'have passed since the last checkpoint; 0: off', type=float)
+    g.add_argument(*_flags('slurm_requeue'), action='store_true', dest='slurm_requeue',
+                   help='after a stop by SIGUSR1 (sbatch --signal=USR1@SECONDS), rank 0 runs scontrol requeue '
+                        '$SLURM_JOB_ID once the checkpoint is written (as PyTorch Lightning does)')
     opt(g, 'feature_eval_freq', 'effective rank (RankMe) of encoder features every N epochs, 0 = off')
     opt(g, 'feature_eval_samples', 'samples of the fixed effective-rank sample')
     opt(g, 'log_every', 'console and log.jsonl every N steps')
@@ -456,6 +485,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt(g, 'eval_data_dir', 'the data folder of a built-in or CSV --eval task', False, metavar='DIR')
     opt(g, 'eval_every', 'evaluate every N epochs (writing checkpoint-EPOCH.pth then too); 0: each '
         '--save_freq checkpoint', metavar='N')
+    opt(g, 'eval_device', "where m2d linear-eval runs: auto (a GPU of this node that the run does not train on, if "
+        "any, else the CPU: never memory of a training GPU), cpu, cuda:N (cuda:0 shares rank 0's GPU)",
+        metavar='DEVICE')
 
     g = parser.add_argument_group('reference options refused with a message')
     for name in REFUSED_OPTIONS:
@@ -464,6 +496,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 CHECKPOINT_WRITES = ('sync', 'background')
+# options that do not change what a run trains: left out of the default run folder's name (`settings_id`)
+OPERATIONAL = frozenset({
+    'output_dir', 'output_root', 'log_dir', 'resume', 'num_workers', 'pin_mem', 'device', 'compile',
+    'keep_freed_memory', 'max_steps', 'stop_at', 'save_freq', 'save_freq_steps', 'checkpoint_writes',
+    'save_every_minutes', 'slurm_requeue', 'feature_eval_freq', 'feature_eval_samples', 'log_every', 'eval',
+    'eval_data_dir', 'eval_every', 'eval_device'})
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs', 'eager')
 
 

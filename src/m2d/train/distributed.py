@@ -59,12 +59,16 @@ def setup(device: str = 'cpu') -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def cleanup(finished: bool = False) -> None:
-    """Leave the process group. After a finished run every rank waits for the others first: a rank
-    that tears down its gloo group while a peer still writes a checkpoint can abort at exit."""
+def barrier(env: DistEnv) -> None:
+    """Every process waits here for the others (nothing when alone)."""
+    if env.distributed:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group. A finished run has met in a `barrier` after its last checkpoint: a
+    rank that tears down its gloo group while a peer still writes a checkpoint can abort at exit."""
     if dist.is_initialized():
-        if finished:
-            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -75,6 +79,28 @@ def broadcast_object(obj: Any, env: DistEnv) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def mean_and_any(value: torch.Tensor, flag: bool, env: DistEnv) -> tuple[float, bool]:
+    """The mean of a scalar tensor over all processes and whether any process's `flag` is set, in one
+    all-reduce (a sum of ``[value, flag]``): the loop shares stop requests at no extra cost."""
+    if not env.distributed:
+        return value.item(), bool(flag)
+    both = torch.stack([value.detach().float().reshape(()), value.new_tensor(float(flag), dtype=torch.float32)])
+    dist.all_reduce(both, op=dist.ReduceOp.SUM)
+    both[0] /= env.world_size  # in float32, as the mean was computed before
+    mean, votes = both.tolist()  # one device sync
+    return mean, votes > 0
+
+
+def gather_errors(error: str | None, env: DistEnv) -> list[tuple[int, str]]:
+    """Every process's `error` (None: no error), as (rank, message) pairs; every rank gets the same list,
+    so all of them stop together, none waits in a later collective for one that has left."""
+    if not env.distributed:
+        return [(0, error)] if error else []
+    errors: list[str | None] = [None] * env.world_size
+    dist.all_gather_object(errors, error)
+    return [(rank, e) for rank, e in enumerate(errors) if e]
 
 
 def mean_over_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -116,6 +116,7 @@ class CheckpointEvaluator:
         self.enabled = enabled and bool(self.task_args)
         self.running: list[_Job] = []
         self.waiting: _Job | None = None
+        self.interrupted = False  # `finish` stopped waiting on `stop`
 
     def submit(self, checkpoint: Path, epoch: int, step: int) -> None:
         """Queue a quick evaluation of `checkpoint` (written after epoch `epoch`, step `step`)."""
@@ -138,9 +139,13 @@ class CheckpointEvaluator:
         self._start_waiting()
         return results
 
-    def finish(self, checkpoint: Path | None, epoch: int, step: int) -> list[EvalResult]:
+    def finish(self, checkpoint: Path | None, epoch: int, step: int,
+               stop: Callable[[], bool] | None = None) -> list[EvalResult]:
         """Evaluate the final `checkpoint` on the whole task with baselines, wait for every evaluation,
-        and copy the final summary into the run folder. Returns the results not yet polled."""
+        and copy the final summary into the run folder. Returns the results not yet polled.
+
+        stop: asked while waiting; when it says True (a stop signal), the evaluations still running are
+        stopped and `interrupted` is set (the same command with --resume auto evaluates again)."""
         if not self.enabled:
             return []
         if self.waiting is not None:
@@ -153,6 +158,12 @@ class CheckpointEvaluator:
                      checkpoint, self.run_dir / 'eval')
         results = []
         while self.running:
+            if stop is not None and stop():
+                log.info('stop requested while %d evaluation(s) ran: stopped; --resume auto evaluates the final '
+                         'checkpoint again', len(self.running))
+                self.close()
+                self.interrupted = True
+                break
             time.sleep(0.2)
             results += self.poll()
         for r in results:

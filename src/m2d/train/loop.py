@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from ..malloc import keep_freed_memory
 from ..masking import make_mask
 from ..models import create_model
 from ..optim import param_groups
-from . import distributed, precision, seeding, state
+from . import distributed, precision, preemption, seeding, state
 from .config import ConfigError, TrainConfig, compile_options
 from .evaluation import LINEAR_EVAL, CheckpointEvaluator
 from .monitor import Monitor, RunLog, encoder_effective_rank
@@ -49,7 +51,8 @@ class NonFiniteLossError(M2DError):
 
 @dataclass
 class TrainResult:
-    """Where a run ended: its folder, last checkpoint (None on ranks > 0), step, epoch and last loss."""
+    """Where a run ended: its folder, last checkpoint (None on ranks > 0), step, epoch and last loss;
+    `stopped_by`: the signal that stopped it before the end (then exit with `preemption.EXIT_STOPPED`)."""
 
     output_dir: Path
     checkpoint: Path | None
@@ -57,6 +60,7 @@ class TrainResult:
     epoch: float
     loss: float | None
     is_main: bool = True
+    stopped_by: str | None = None
 
 
 # ----- setup helpers -------------------------------------------------------------------------
@@ -107,6 +111,13 @@ def build_dataset(opts: TrainConfig, norm_stats: tuple[float, float] | None) -> 
                       random_crop=True, min_ds_size=opts.min_ds_size)
 
 
+def loader_worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of the training loaders: ignore the scheduler's stop signals (the main process
+    handles them) and keep inherited objects out of the garbage collector's reach (shared pages)."""
+    preemption.ignore_in_worker(worker_id)
+    seeding.freeze_inherited_objects(worker_id)
+
+
 def make_loader(opts: TrainConfig, env: distributed.DistEnv,
                 dataset: Dataset) -> tuple[seeding.SeededItems, distributed.ResumableSampler, DataLoader]:
     """Seeded items (crops and per-sample masks drawn from (seed, epoch, index)), this process's
@@ -124,7 +135,7 @@ def make_loader(opts: TrainConfig, env: distributed.DistEnv,
     pin = opts.pin_mem if opts.pin_mem is not None else env.device.type == 'cuda'
     loader = DataLoader(items, batch_size=opts.batch_size, sampler=sampler, num_workers=opts.num_workers,
                         pin_memory=pin, drop_last=True, collate_fn=seeding.collate,
-                        worker_init_fn=seeding.freeze_inherited_objects, persistent_workers=opts.num_workers > 0)
+                        worker_init_fn=loader_worker_init, persistent_workers=opts.num_workers > 0)
     return items, sampler, loader
 
 
@@ -346,27 +357,28 @@ def train(opts: TrainConfig, eval_command: Sequence[str] | None = None,
     on_step: called with the step count after every micro-step (tests, tools).
     """
     opts.check()
-    env = distributed.setup(opts.device)
-    run_log = RunLog(env.is_main)
-    finished = False
+    signals = preemption.StopSignals().install()
     try:
-        result = _train(opts, env, run_log, eval_command or LINEAR_EVAL, on_step)
-        finished = True
-        return result
+        env = distributed.setup(opts.device)
+        run_log = RunLog(env.is_main)
+        try:
+            return _train(opts, env, run_log, eval_command or LINEAR_EVAL, on_step, signals)
+        finally:
+            run_log.close()
+            distributed.cleanup()
     finally:
-        run_log.close()
-        distributed.cleanup(finished)
+        signals.restore()
 
 
 def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_command: Sequence[str],
-           on_step: Callable[[int], None] | None) -> TrainResult:
+           on_step: Callable[[int], None] | None, signals: preemption.StopSignals) -> TrainResult:
     device = env.device
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest patch-embedding conv
     elif opts.keep_freed_memory and keep_freed_memory():
         log.debug('malloc keeps freed memory for reuse (--no_keep_freed_memory to turn off)')
     out_dir = Path(distributed.broadcast_object(str(opts.resolve_output_dir()), env))
-    resume_path, ckpt = state.open_resume(opts.resume, out_dir)
+    resume_path, ckpt = state.open_resume_everywhere(opts.resume, out_dir, env)  # rank 0 decides
     init_sd, init_source, init_option = None, opts.init, '--init'
     if ckpt is not None and not state.is_run_state(ckpt, opts):
         log.info('--resume %s: not a run state of %s %s; loading its weights as the reference does (non-strict, '
@@ -422,6 +434,7 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
     # ----- the run folder, from here on ----------------------------------------------------------
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        state.remove_stale_temporaries(out_dir)
         run_log.open(out_dir)
     log.info('model %s (%s): %.2fM trainable parameters; %d processes x batch %d x accum %d = %d; lr %.3e; '
              '%d steps/epoch, %d epochs; output %s', opts.model, opts.kind, sum(p.numel() for p in trainable) / 1e6,
@@ -430,18 +443,20 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
                              kind=opts.kind, off_emb_dim=model_kw.get('off_emb_dim'))
     checkpoints = state.Checkpointer(out_dir, raw_model, optimizer, scaler, args, iters_per_epoch, eff_batch,
                                      enabled=env.is_main, last=resume_path,
-                                     background=opts.checkpoint_writes == 'background')
+                                     background=opts.checkpoint_writes == 'background',
+                                     every_minutes=opts.save_every_minutes)
     monitor = Monitor(out_dir, enabled=env.is_main, log_every=opts.log_every, total_steps=total_steps,
                       samples_per_step=opts.batch_size * env.world_size, tensorboard_dir=opts.log_dir or None)
     if resume_path is not None:
         monitor.truncate_after(step)
-    evaluator = CheckpointEvaluator(out_dir, opts.eval_task_args(), device=str(device), command=eval_command,
-                                    enabled=env.is_main)
+    evaluator = CheckpointEvaluator(out_dir, opts.eval_task_args(), device=eval_device(opts.eval_device, env),
+                                    command=eval_command, enabled=env.is_main)
     feature_batches = _feature_sample(items, opts, env)
 
     # ----- the loop ----------------------------------------------------------------------------
     loss_value, epoch_pos, lr_now, decay = None, float(start_epoch), lr, opts.ema_decay_init
     stop = bool((opts.max_steps and step >= opts.max_steps) or (opts.stop_at and start_epoch >= opts.stop_at))
+    signalled = False  # a rank got SIGTERM/SIGUSR1: every rank stops at the same optimizer step
     try:
         for epoch in range(start_epoch, opts.epochs):
             if stop:
@@ -462,7 +477,11 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
                 x, mask, target = _inputs(batch, raw_model, teacher, opts, env, step, autocast)
                 with _no_sync(model, sync), autocast:
                     loss, _, extras = model(x, mask=mask, target_offline=target)
-                loss_value = distributed.mean_over_ranks(loss.detach().float(), env).item()
+                loss_value, any_signal = distributed.mean_and_any(loss.detach().float(), signals.requested, env)
+                if any_signal and not signalled:
+                    signalled = True
+                    log.info('stop requested (%s) at step %d: saving at the next optimizer step, then exiting',
+                             preemption.received_name(), step + 1)
                 _check_finite('loss', loss_value, step, epoch, it, checkpoints.last)
                 with _no_sync(model, sync):
                     scaler.scale(loss / opts.accum_iter).backward()
@@ -480,9 +499,9 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
                 monitor.step(step, epoch_pos, loss_value, lr_now, decay, grad_norm,
                              **{k: float(v) for k, v in extras.items() if k.startswith('loss_')})
                 if sync:
-                    stop = bool(opts.max_steps and step >= opts.max_steps)
-                    if it + 1 < iters_per_epoch and (stop or (opts.save_freq_steps
-                                                              and step % opts.save_freq_steps == 0)):
+                    stop = bool(signalled or (opts.max_steps and step >= opts.max_steps))
+                    if it + 1 < iters_per_epoch and (stop or checkpoints.due() or (
+                            opts.save_freq_steps and step % opts.save_freq_steps == 0)):
                         checkpoints.save(epoch, it + 1, step)
                 if step % opts.log_every == 0:
                     monitor.write_all(r.record() for r in evaluator.poll())
@@ -491,7 +510,8 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
                 if stop:
                     break
             if it + 1 < iters_per_epoch:
-                break  # stopped mid-epoch (--max_steps); saved above
+                break  # stopped mid-epoch (--max_steps, a signal); saved above
+            stop = stop or signalled
 
             epoch_done = epoch + 1
             values = {}
@@ -502,24 +522,54 @@ def _train(opts: TrainConfig, env: distributed.DistEnv, run_log: RunLog, eval_co
             if opts.stop_at and epoch_done >= opts.stop_at:
                 log.info('--stop_at %d: stopping after epoch %d', opts.stop_at, epoch_done)
                 stop = True
-            if opts.saves_epoch(epoch_done) or stop:
+            if opts.saves_epoch(epoch_done) or (stop and not signalled):
                 path = checkpoints.save_epoch(epoch_done, step)
                 if opts.evaluates_epoch(epoch_done) and not stop and epoch_done < opts.epochs:
                     checkpoints.wait()  # the file is complete before linear-eval reads it
                     evaluator.submit(path, epoch_done, step)  # the last checkpoint: the final evaluation below
+            elif signalled or checkpoints.due():
+                checkpoints.save(epoch_done, 0, step)
             monitor.write_all(r.record() for r in evaluator.poll())
 
-        monitor.write_all(r.record() for r in evaluator.finish(checkpoints.last, math.ceil(epoch_pos), step))
+        checkpoints.wait()
+        # every checkpoint is on disk: the other ranks may leave (and free their GPUs) while rank 0 runs
+        # the final evaluation, which can take longer than the process group's timeout
+        distributed.barrier(env)
+        if not signalled:  # (only rank 0 evaluates: the stop below needs no agreement)
+            monitor.write_all(r.record() for r in evaluator.finish(checkpoints.last, math.ceil(epoch_pos), step,
+                                                                   stop=lambda: signals.requested))
+            signalled = evaluator.interrupted
     finally:
         try:
             checkpoints.close()  # a background write finishes (or its error is raised) before the run ends
         finally:
             evaluator.close()
             monitor.close()
-    log.info('done: %d steps, epoch %.2f, last loss %s; checkpoint %s', step, epoch_pos,
-             f'{loss_value:.4f}' if loss_value is not None else '-', checkpoints.last)
+    stopped_by = None
+    if signalled:
+        stopped_by = preemption.received_name()
+        log.info('stopped by %s at step %d (epoch %.2f): %s written; run the same command with --resume auto to '
+                 'continue (exit status %d)', stopped_by, step, epoch_pos, checkpoints.last or state.LAST,
+                 preemption.EXIT_STOPPED)
+        if opts.slurm_requeue and env.is_main and preemption.received() == signal.SIGUSR1:
+            preemption.requeue()
+    else:
+        log.info('done: %d steps, epoch %.2f, last loss %s; checkpoint %s', step, epoch_pos,
+                 f'{loss_value:.4f}' if loss_value is not None else '-', checkpoints.last)
     return TrainResult(output_dir=out_dir, checkpoint=checkpoints.last, step=step, epoch=epoch_pos, loss=loss_value,
-                       is_main=env.is_main)
+                       is_main=env.is_main, stopped_by=stopped_by)
+
+
+def eval_device(choice: str, env: distributed.DistEnv) -> str:
+    """The device of ``--eval`` processes: ``auto`` is a GPU of this node that no training process uses
+    (torchrun's LOCAL_WORLD_SIZE processes take cuda:0..N-1), else the CPU; anything else as given."""
+    if choice != 'auto':
+        return choice
+    if env.device.type != 'cuda':
+        return 'cpu'
+    used = set(range(int(os.environ.get('LOCAL_WORLD_SIZE', '1')))) if env.distributed else {env.device.index or 0}
+    free = [i for i in range(torch.cuda.device_count()) if i not in used]
+    return f'cuda:{free[0]}' if free else 'cpu'
 
 
 class _FeatureBatches:
@@ -527,7 +577,8 @@ class _FeatureBatches:
 
     def __init__(self, items: seeding.SeededItems, indices: list[int], batch_size: int, num_workers: int):
         self.loader = DataLoader(torch.utils.data.Subset(items, indices), batch_size=batch_size,
-                                 num_workers=min(num_workers, 4), shuffle=False)
+                                 num_workers=min(num_workers, 4), shuffle=False,
+                                 worker_init_fn=preemption.ignore_in_worker)
 
     def __iter__(self):
         return iter(self.loader)

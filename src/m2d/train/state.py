@@ -18,7 +18,9 @@ import argparse
 import logging
 import os
 import random
+import re
 import shutil
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,18 @@ import numpy as np
 import torch
 
 from ..checkpoint import save_checkpoint, torch_load
+from ..fileio import is_temporary
+from . import distributed
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
 LAST = 'checkpoint-last.pth'
+SHARED_FILESYSTEM = 'the run folder must be on a filesystem every node sees'
+# the temporary names of interrupted writes of a run folder's own files (`m2d.fileio.atomic_path`:
+# '.NAME.XXXXXXXX.tmpSUFFIX'; `write`: '.checkpoint-last.pth.tmp-link')
+_RUN_TEMPORARY = re.compile(r'^\.(checkpoint-(\d+|last)\.pth|log\.jsonl|training_curves\.png|eval_summary\.(json|md))'
+                            r'\.(\w{8}\.tmp\.\w+|tmp-link)$')
 
 
 def rng_states() -> dict[str, Any]:
@@ -99,6 +108,21 @@ def resolve_resume(resume: str, out_dir: Path) -> Path | None:
     return path
 
 
+def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Delete the temporary files that killed writes left in the run folder (checkpoints, log,
+    curves, evaluation summary), recognized by name; nothing else. Returns what was removed."""
+    removed = []
+    if not Path(out_dir).is_dir():
+        return removed
+    for path in sorted(Path(out_dir).iterdir()):
+        if is_temporary(path.name) and _RUN_TEMPORARY.match(path.name) and path.is_file():
+            size = path.stat().st_size
+            path.unlink()
+            removed.append(path)
+            log.info('removed %s (%.1f MB), left by an interrupted write', path, size / 2**20)
+    return removed
+
+
 def load(path: Path) -> dict[str, Any]:
     """Read a training checkpoint safely (tensors + argparse.Namespace only)."""
     ckpt = torch_load(path)
@@ -113,6 +137,43 @@ def open_resume(resume: str, out_dir: Path) -> tuple[Path | None, dict[str, Any]
     if resume == 'auto' and path is None:
         log.info('--resume auto: no %s in %s; starting a new run', LAST, out_dir)
     return path, (load(path) if path is not None else None)
+
+
+def open_resume_everywhere(resume: str, out_dir: Path,
+                           env: distributed.DistEnv) -> tuple[Path | None, dict[str, Any] | None]:
+    """`open_resume` as rank 0 decides it, on every rank: rank 0 picks the file (and reads its step),
+    tells every rank, and every rank reads that file. If rank 0 fails, or any rank cannot read the file
+    or reads another step (a copy of its own), every rank raises the same `ConfigError`."""
+    if not env.distributed:
+        return open_resume(resume, out_dir)
+    decision, ckpt = {'path': None, 'step': None, 'error': None}, None
+    if env.is_main:
+        try:
+            path, ckpt = open_resume(resume, out_dir)
+            decision.update(path=str(path) if path else None, step=None if ckpt is None else ckpt.get('step'))
+        except (ConfigError, OSError, RuntimeError, ValueError) as e:
+            decision['error'] = str(e)
+    decision = distributed.broadcast_object(decision, env)
+    if decision['error']:
+        raise ConfigError(decision['error'])
+    if decision['path'] is None:
+        return None, None
+    path, error = Path(decision['path']), None
+    if not env.is_main:
+        try:
+            ckpt = load(path)
+            if ckpt.get('step') != decision['step']:
+                error = f'step {ckpt.get("step")} in its copy, not rank 0\'s {decision["step"]}'
+        except FileNotFoundError:
+            error = 'no such file'
+        except (ConfigError, OSError, RuntimeError, ValueError) as e:
+            error = str(e).splitlines()[0] if str(e) else type(e).__name__
+    failed = distributed.gather_errors(error, env)
+    if failed:
+        ranks = ', '.join(f'rank {r}' for r, _ in failed)
+        raise ConfigError(f'--resume {resume}: {ranks} cannot read {path} that rank 0 resumes from '
+                          f'({failed[0][1]}); {SHARED_FILESYSTEM}')
+    return path, ckpt
 
 
 def is_run_state(ckpt: dict[str, Any], opts: Any) -> bool:
@@ -174,14 +235,19 @@ class Checkpointer:
     last: the checkpoint the run resumed from, if any.
     background: write each checkpoint in a thread from a host-memory snapshot (one write at a
         time; the next save, `last` and `close` wait for it). The step stalls only for the copy.
+    every_minutes: `due` says when this much wall-clock time has passed since the start or the last
+        save (0: never).
     """
 
     def __init__(self, out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, args: argparse.Namespace, iters_per_epoch: int, eff_batch: int,
-                 enabled: bool = True, last: Path | None = None, background: bool = False):
+                 enabled: bool = True, last: Path | None = None, background: bool = False,
+                 every_minutes: float = 0.0):
         self.out_dir, self.model, self.optimizer, self.scaler = Path(out_dir), model, optimizer, scaler
         self.args, self.iters_per_epoch, self.eff_batch = args, iters_per_epoch, eff_batch
         self.enabled = enabled
+        self.every_s = 60.0 * every_minutes
+        self._saved_at = time.monotonic()
         self._last = last
         self._writer = ThreadPoolExecutor(1, thread_name_prefix='m2d-checkpoint') if background and enabled else None
         self._pending: Future | None = None
@@ -204,6 +270,7 @@ class Checkpointer:
         background mode the file is complete once `last` or `wait` returns)."""
         if not self.enabled:
             return None
+        self._saved_at = time.monotonic()
         if self._writer is None:
             self._last = write(self.state(epoch_done, iter_in_epoch, step), self.out_dir, name)
             return self._last
@@ -211,6 +278,10 @@ class Checkpointer:
         ckpt = snapshot(self.state(epoch_done, iter_in_epoch, step))
         self._pending = self._writer.submit(write, ckpt, self.out_dir, name)
         return self.out_dir / name
+
+    def due(self) -> bool:
+        """Whether the wall-clock cadence (``--save_every_minutes``) asks for a checkpoint now (rank 0)."""
+        return self.enabled and self.every_s > 0 and time.monotonic() - self._saved_at >= self.every_s
 
     def save_epoch(self, epoch_done: int, step: int) -> Path | None:
         """``checkpoint-EPOCH.pth`` after epoch `epoch_done`."""

@@ -28,6 +28,7 @@ a task missing under ROOT is a listed gap.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,19 +149,30 @@ def run_evar_suite(weights: list[str | Path], data_dir: str | Path, output_dir: 
 
 def _run_entries(weights: list[str | Path], entries: list[dict[str, Any]], out: Path, opts: LinearOptions,
                  unit_sec: float | None, split_seed: int, task_order: list[str] | None = None, **summary_extra) -> dict:
+    return run_suite_entries(weights, entries, out, lambda entry: load_suite_task(entry, unit_sec, split_seed),
+                             lambda w, task, folder: evaluate_weights(w, task, folder, opts), 'suite',
+                             task_order, **summary_extra)
+
+
+def run_suite_entries(weights: list[str | Path], entries: list[dict[str, Any]], out: Path,
+                      load: Callable[[dict[str, Any]], Any], evaluate: Callable[[str | Path, Any, Path], dict],
+                      what: str = 'suite', task_order: list[str] | None = None, **summary_extra) -> dict:
+    """Every weight file on every entry's task (`load(entry)`, `evaluate(weights, task, folder)` into
+    ``out/<weights-name>/<task>``), then ``summary.md``. One task or weight file that fails is listed
+    in the summary's errors and never stops the others."""
     reports, errors = [], {}
     for entry in entries:
         try:
-            task = load_suite_task(entry, unit_sec, split_seed)
+            task = load(entry)
         except (M2DError, OSError, ValueError) as e:  # one bad task never stops the others
             errors[entry['name']] = str(e)
-            log.error('suite task %s: %s', entry['name'], e)
+            log.error('%s task %s: %s', what, entry['name'], e)
             continue
         for w in weights:
             try:
-                reports.append(evaluate_weights(w, task, out / weights_name(w) / task.name, opts))
+                reports.append(evaluate(w, task, out / weights_name(w) / task.name))
             except (M2DError, OSError, ValueError) as e:
                 errors[f'{entry["name"]} / {weights_name(w)}'] = str(e)
-                log.error('suite task %s with %s: %s', entry['name'], w, e)
+                log.error('%s task %s with %s: %s', what, entry['name'], w, e)
     return write_summary(reports, out, task_order=task_order or [e['name'] for e in entries], errors=errors,
                          **summary_extra)

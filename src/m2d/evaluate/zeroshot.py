@@ -43,7 +43,7 @@ from . import metrics
 from .captions import EVAR_TEMPLATE, class_to_caption
 from .clap_embed import EncodingOptions, audio_embeddings, check_failed, cosine_similarity, load_clap, text_embeddings
 from .evar import EVAR_TASKS, PUBLISHED_ZEROSHOT, ZEROSHOT_TABLE_TASKS
-from .suite import evar_entries
+from .suite import evar_entries, read_suite, run_suite_entries
 from .tasks import Clip, Task, TaskError, load_task
 
 log = logging.getLogger(__name__)
@@ -305,10 +305,6 @@ def run_zeroshot_suite(weights: list[str | Path], suite: str | Path, data_dir: s
     ``DATA_DIR/<task>/<task>.csv``, published rows beside) or a suite file (`suite.read_suite`'s
     format); reports in ``OUTPUT_DIR/<weights-name>/<task>/``, the table in ``OUTPUT_DIR/summary.md``
     (default OUTPUT_DIR ``eval/zeroshot-<suite>/``). A task that fails is listed and the others go on."""
-    from .linear import weights_name
-    from .suite import read_suite
-    from .summary import write_summary
-
     opts = ZeroShotOptions.from_kwargs(options)
     extra: dict[str, Any] = dict(SUMMARY_TEXT)
     if str(suite).lower() == 'evar' and not Path(suite).is_file():
@@ -326,20 +322,14 @@ def run_zeroshot_suite(weights: list[str | Path], suite: str | Path, data_dir: s
         extra.pop('published_note')
         name = Path(suite).stem
     out = Path(output_dir) if output_dir is not None else Path('eval') / f'zeroshot-{name}'
-    reports, errors = [], {}
-    for entry in entries:
-        try:
-            task = load_zeroshot_task(entry.get('task'), csv=entry.get('csv'), data_dir=entry.get('data_dir'),
-                                      unit_sec=entry.get('unit_sec', unit_sec))
-            task.name = entry['name']
-        except (M2DError, OSError, ValueError) as e:  # one bad task never stops the others
-            errors[entry['name']] = str(e)
-            log.error('zero-shot suite task %s: %s', entry['name'], e)
-            continue
-        for w in weights:
-            try:
-                reports.append(evaluate_zeroshot(w, task, out / weights_name(w) / task.name, opts))
-            except (M2DError, OSError, ValueError) as e:
-                errors[f'{entry["name"]} / {weights_name(w)}'] = str(e)
-                log.error('zero-shot suite task %s with %s: %s', entry['name'], w, e)
-    return write_summary(reports, out, task_order=order, errors=errors, **extra)
+
+    def load(entry: dict[str, Any]) -> Task:
+        task = load_zeroshot_task(entry.get('task'), csv=entry.get('csv'), data_dir=entry.get('data_dir'),
+                                  unit_sec=entry.get('unit_sec', unit_sec))
+        task.name = entry['name']
+        return task
+
+    def evaluate(w: str | Path, task: Task, folder: Path) -> dict[str, Any]:
+        return evaluate_zeroshot(w, task, folder, opts)
+
+    return run_suite_entries(weights, entries, out, load, evaluate, 'zero-shot suite', order, **extra)

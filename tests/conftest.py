@@ -54,6 +54,21 @@ def fsdd_dir() -> Path:
     return need(FSDD)
 
 
+def fsdd_lms_csv(root: Path, step: int, count: int) -> Path:
+    """Every `step`-th FSDD recording (at most `count`) converted to LMS .npy files under
+    ``root/lms``; returns its ``files.csv``."""
+    need(FSDD)
+    from m2d.data.convert import convert
+
+    wav = root / 'wav'
+    wav.mkdir()
+    for f in sorted(FSDD.glob('*.wav'))[::step][:count]:
+        (wav / f.name).symlink_to(f)
+    summary = convert(wav, root / 'lms', workers=0, progress=False)
+    assert summary.exit_code == 0, summary
+    return root / 'lms' / 'files.csv'
+
+
 def write_small_checkpoint(folder: Path, name: str = 'm2d_vit_tiny-80x208p16x16-240101', embed_dim: int = 64,
                            depth: int = 2, norm_stats=(-8.0, 4.0), seed: int = 0) -> Path:
     """A small encoder checkpoint in the official container ({'model', 'epoch', 'args'}); returns its path."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FSDD, need
+from conftest import fsdd_lms_csv
 
 TINY = ['--model', 'm2d_vit_tiny', '--depth', '1', '--decoder_depth', '1', '--decoder_embed_dim', '64',
         '--decoder_num_heads', '2', '--input_size', '80x96', '--min_ds_size', '0', '--feature_eval_freq', '0',
@@ -80,16 +80,7 @@ def wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 240) ->
 @pytest.fixture(scope='module')
 def lms_csv(tmp_path_factory) -> Path:
     """16 FSDD recordings as LMS .npy files (+ files.csv)."""
-    need(FSDD)
-    from m2d.data.convert import convert
-
-    root = tmp_path_factory.mktemp('fsdd')
-    wav = root / 'wav'
-    wav.mkdir()
-    for f in sorted(FSDD.glob('*.wav'))[::150][:16]:
-        (wav / f.name).symlink_to(f)
-    assert convert(wav, root / 'lms', workers=0, progress=False).exit_code == 0
-    return root / 'lms' / 'files.csv'
+    return fsdd_lms_csv(tmp_path_factory.mktemp('fsdd'), 150, 16)
 
 
 def test_stop_signals_set_a_flag_and_restore():

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FSDD, need
+from conftest import FSDD, fsdd_lms_csv
 
 N_FILES = 50
 TINY = ['--model', 'm2d_vit_tiny', '--depth', '2', '--decoder_depth', '1', '--decoder_embed_dim', '128',
@@ -74,17 +74,7 @@ def kill_at_step(step: int, args: list[str], cwd: Path) -> int:
 @pytest.fixture(scope='module')
 def lms_csv(tmp_path_factory) -> Path:
     """~50 FSDD recordings converted to LMS .npy files (+ files.csv)."""
-    need(FSDD)
-    from m2d.data.convert import convert
-
-    root = tmp_path_factory.mktemp('fsdd')
-    wav = root / 'wav'
-    wav.mkdir()
-    for f in sorted(FSDD.glob('*.wav'))[::60][:N_FILES]:
-        (wav / f.name).symlink_to(f)
-    summary = convert(wav, root / 'lms', workers=0, progress=False)
-    assert summary.exit_code == 0
-    return root / 'lms' / 'files.csv'
+    return fsdd_lms_csv(tmp_path_factory.mktemp('fsdd'), 60, N_FILES)
 
 
 @pytest.fixture(scope='module')

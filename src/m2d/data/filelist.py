@@ -47,7 +47,8 @@ def list_npy_files(folder: str | Path) -> list[str]:
         for name in names:
             if name.endswith('.npy') and not is_temporary(name):
                 found.append((rel / name).as_posix())
-    return sorted(found)
+    found.sort()
+    return found
 
 
 def read_file_list(csv_path: str | Path) -> PathTable:

@@ -133,7 +133,7 @@ def _in_order(names: Iterable[str]) -> Sequence[str]:
     def checked() -> Iterator[str]:
         nonlocal ordered
         prev = ''
-        for name in names:
+        for name in map(str, names):
             ordered = ordered and prev <= name
             prev = name
             yield name

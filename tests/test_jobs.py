@@ -117,6 +117,17 @@ def test_duplicate_keys_missing_inputs_and_items(tmp_path):
     assert s.results == {'k1': 1, 'k2': 2} and len(s.failed) == 1 and 'same output' in s.failed[0][1]
 
 
+def test_a_names_list_is_planned_in_key_order_whether_or_not_path_order_is_key_order(tmp_path):
+    src = tmp_path / 'src'
+    src.mkdir()
+    # path order == key order: the list is taken as sorted; 'a-b.wav' < 'a.wav' by path but 'a' < 'a-b' by key
+    p = jobs.plan(src, name='keys', suffixes=('.wav',), names=['b/x.wav', 'a.wav', 'c.wav'])
+    assert [i.key for i in p.todo] == ['a', 'b/x', 'c']
+    p = jobs.plan(src, name='keys', suffixes=('.wav',), names=['a-b.wav', 'c.wav', 'a.wav', 'a.flac'])
+    assert [i.src.name for i in p.todo] == ['a.flac', 'a-b.wav', 'c.wav']  # a.wav: same key as a.flac, failed
+    assert [i.key for i in p.todo] == ['a', 'a-b', 'c'] and 'same output a.npy' in p.failed[0][1]
+
+
 def test_a_destination_locked_by_another_process_is_a_job_error(tmp_path):
     dest = tmp_path / 'out'
     holder = subprocess.Popen(

@@ -35,3 +35,17 @@ def test_two_buffers_whatever_the_length_and_pickles():
     assert not t.blob.flags.writeable
     u = pickle.loads(pickle.dumps(t))
     assert u == t and u[9999] == 'lms/0009999.npy'
+
+
+def test_iteration_crosses_chunks_and_write_filelist_sorts_whatever_it_is_given(tmp_path):
+    from m2d.data.filelist import FILES_CSV, write_filelist
+
+    names = [f'{i:05d}.npy' for i in range(9000)]
+    assert list(PathTable.from_names(names)) == names  # iterated 4096 ends at a time
+    folder = tmp_path / 'lms'
+    folder.mkdir()
+    shuffled = names[::-1]
+    expected = 'file_name\n' + ''.join(f'lms/{n}\n' for n in names)
+    for given in (iter(names), iter(shuffled), names, shuffled, set(names), PathTable.from_names(shuffled)):
+        write_filelist(folder, names=given)
+        assert (folder / FILES_CSV).read_text().replace('\r\n', '\n') == expected, type(given)

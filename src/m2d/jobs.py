@@ -378,9 +378,22 @@ def _listed(root: Path, names: Iterable[str]) -> Iterator[tuple[str, str]]:
                 raise JobError(f'file list, entry {n + 1} ({text}): not a file under {root}')
             rels[n] = rel
     rels.sort()
-    rels.sort(key=_strip_suffix)  # stable: paths with the same key stay in path order
+    if not _keys_sorted(rels):  # rare: a name like 'a-b.wav' beside 'a.wav' (path and key orders differ)
+        rels.sort(key=_strip_suffix)  # stable: paths with the same key stay in path order
     for rel in rels:
         yield rel, _strip_suffix(rel)
+
+
+def _keys_sorted(rels: Sequence[str]) -> bool:
+    """Whether the keys of `rels` are in non-decreasing order (checked one at a time: sorting by key
+    would hold a key per path, as much memory again as the paths)."""
+    prev = ''
+    for rel in rels:
+        key = _strip_suffix(rel)
+        if key < prev:
+            return False
+        prev = key
+    return True
 
 
 class _Outputs:

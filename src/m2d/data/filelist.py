@@ -13,7 +13,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 
 from ..errors import M2DError
@@ -46,7 +47,8 @@ def list_npy_files(folder: str | Path) -> list[str]:
         for name in names:
             if name.endswith('.npy') and not is_temporary(name):
                 found.append((rel / name).as_posix())
-    return sorted(found)
+    found.sort()
+    return found
 
 
 def read_file_list(csv_path: str | Path) -> PathTable:
@@ -111,8 +113,34 @@ def write_filelist(folder: str | Path, csv: str | Path | None = None,
     """Write `csv` (default `folder/files.csv`) listing the `.npy` files under `folder`, as paths
     relative to `folder`'s parent. `names` (relative to `folder`) skips the scan when already known."""
     folder = Path(folder)
-    names = list_npy_files(folder) if names is None else sorted(names)
+    names = list_npy_files(folder) if names is None else _in_order(names)
     prefix = folder.resolve().name
-    out = write_csv_list([f'{prefix}/{n}' for n in names], csv or folder / FILES_CSV)
+    out = write_csv_list((f'{prefix}/{n}' for n in names), csv or folder / FILES_CSV)
     log.info('%s: %d files listed', out, len(names))
     return out
+
+
+def _in_order(names: Iterable[str]) -> Sequence[str]:
+    """`names` sorted. A job hands its outputs' names over as a stream that is sorted already (in all
+    but rare cases): they are then held compactly (a `PathTable`) while their order is checked, and
+    only sorted as a list of `str` when it is not."""
+    if isinstance(names, Sequence):
+        return names if _is_sorted(names) else sorted(names)
+    if not isinstance(names, Iterator):  # a set: no order to keep
+        return sorted(names)
+    ordered = True
+
+    def checked() -> Iterator[str]:
+        nonlocal ordered
+        prev = ''
+        for name in map(str, names):
+            ordered = ordered and prev <= name
+            prev = name
+            yield name
+
+    table = PathTable.from_names(checked())
+    return table if ordered else sorted(table)
+
+
+def _is_sorted(names: Sequence[str]) -> bool:
+    return all(a <= b for a, b in zip(names, islice(names, 1, None)))

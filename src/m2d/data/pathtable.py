@@ -66,8 +66,11 @@ class PathTable(Sequence):
         return self._one(int(index))
 
     def __iter__(self) -> Iterator[str]:
-        for i in range(len(self)):
-            yield self._one(i)
+        blob, start = memoryview(self.blob), 0
+        for first in range(0, len(self.ends), 4096):  # ends as Python ints, a chunk at a time
+            for end in self.ends[first:first + 4096].tolist():
+                yield str(blob[start:end], 'utf-8')
+                start = end
 
     def take(self, indices: Sequence[int] | np.ndarray) -> PathTable:
         """The names at `indices` (in that order, repeats allowed) as a new table."""

@@ -151,8 +151,8 @@ def open_resume_everywhere(resume: str, out_dir: Path,
         try:
             path, ckpt = open_resume(resume, out_dir)
             decision.update(path=str(path) if path else None, step=None if ckpt is None else ckpt.get('step'))
-        except (ConfigError, OSError, RuntimeError, ValueError) as e:
-            decision['error'] = str(e)
+        except Exception as e:  # noqa: BLE001  any failure must reach the broadcast, or the others wait in it
+            decision['error'] = str(e) or type(e).__name__
     decision = distributed.broadcast_object(decision, env)
     if decision['error']:
         raise ConfigError(decision['error'])
@@ -166,7 +166,7 @@ def open_resume_everywhere(resume: str, out_dir: Path,
                 error = f'step {ckpt.get("step")} in its copy, not rank 0\'s {decision["step"]}'
         except FileNotFoundError:
             error = 'no such file'
-        except (ConfigError, OSError, RuntimeError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001  any failure must reach the agreement below
             error = str(e).splitlines()[0] if str(e) else type(e).__name__
     failed = distributed.gather_errors(error, env)
     if failed:

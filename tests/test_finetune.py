@@ -608,6 +608,25 @@ def test_masked_encoding_keeps_the_training_mask_patches(small_ckpt):
     assert torch.allclose(got, want, atol=1e-6)
 
 
+def test_masked_encoding_of_a_unit_not_in_whole_patches_chunks_as_encode_lms(small_ckpt):
+    """A 201-frame model (12 patches of 16 frames, as 1001 frames make 62) on 401 frames: one unit, then
+    a remainder of 200 frames padded to 208 and cut to the unit's 192, as `encode_lms` cuts it (it
+    used to keep 13 columns, and the position table has 12: a ValueError)."""
+    from m2d.masking import gather_tokens, structured_training_mask
+
+    ckpt = ft.checkpoint_for_frames(load_checkpoint(small_ckpt), 201)
+    model = ft.FinetuneModel(ckpt, 3, training_mask=0.5)
+    lms = torch.randn(2, 1, 80, 401)
+    model.generator = torch.Generator().manual_seed(3)
+    got = model._encode_masked(lms)
+    bb, gen, want = model.runtime.backbone, torch.Generator().manual_seed(3), []
+    for chunk in (lms[..., :192], lms[..., 201:393]):
+        mask = structured_training_mask(2, (5, 12), 0.5, generator=gen)
+        x = gather_tokens(bb.embed(chunk), mask.ids_keep)
+        want.append(bb.run_blocks(torch.cat([bb.cls_with_pos(2), x], dim=1))[:, 1:])
+    assert torch.allclose(got, torch.cat(want, dim=1), atol=1e-6)
+
+
 def _bicubic_time(grid: np.ndarray, new_t: int, a: float = -0.75) -> np.ndarray:
     """Independent bicubic resampling along the last-but-one axis of ``[F, T, D]`` (Keys' kernel with
     a = -0.75, half-pixel centres, edge taps clamped: torch's ``bicubic`` with align_corners=False)."""

@@ -93,12 +93,8 @@ class ClipData(torch.utils.data.Dataset):
         """Class ids of clip `i`."""
         return self.label_ids[(self.label_ends[i - 1] if i else 0):self.label_ends[i]]
 
-    @property
-    def targets(self) -> torch.Tensor:
-        """All targets ``[N, C]`` (float32; built on demand: for small splits and tests)."""
-        return torch.stack([self.target(i) for i in range(len(self))]) if len(self) else torch.zeros(0, self.num_classes)
-
     def target(self, i: int) -> torch.Tensor:
+        """Float target ``[C]`` of clip `i`: one-hot, or multi-hot for a multi-label task."""
         y = torch.zeros(self.num_classes, dtype=torch.float32)
         y[torch.from_numpy(self.labels_of(i).astype(np.int64))] = 1.0
         return y
@@ -155,14 +151,6 @@ def read_lms(path: str) -> np.ndarray:
     if x.ndim != 2:
         raise AudioError(f'{path}: a log-mel clip must be [F, T] or [1, F, T], got shape {x.shape}')
     return x
-
-
-def one_hot_targets(task: Task, clips: list[Clip]) -> np.ndarray:
-    """``[N, C]`` float32 targets: one-hot, or multi-hot for a multi-label task."""
-    y = task.targets(clips)
-    if task.multilabel:
-        return y.astype(np.float32)
-    return np.eye(len(task.classes), dtype=np.float32)[y]
 
 
 def label_arrays(task: Task, clips: list[Clip]) -> tuple[np.ndarray, np.ndarray]:

@@ -883,3 +883,23 @@ def test_as_task_from_log_mel_npy_with_weighted_epochs(tmp_path, small_ckpt):
                          weighted_sampling=6, training_mask=0.5, data_path='lms', progress=False)
     assert report['metric'] == 'mAP' and report['validation']['split'] == 'test'
     assert report['settings']['weighted_sampling'] == 6 and '--data_path lms' in report['reference_command']
+
+
+def test_loader_workers_give_the_batches_of_one_process_and_leave_the_parents_collector(tmp_path):
+    """With workers, the same batches as without; only the workers freeze what they inherit
+    (`gc.freeze` in the parent would keep every object made so far from ever being collected)."""
+    import gc
+
+    from m2d.data.pathtable import PathTable
+
+    for i in range(6):
+        np.save(tmp_path / f'{i}.npy', np.full((80, 50 + i), float(i), dtype=np.float32))
+    data = ft.ClipData(PathTable.from_names([str(tmp_path / f'{i}.npy') for i in range(6)]), np.arange(6) % 3,
+                       np.arange(1, 7), 3, 16000, 16000, False, None, unit_frames=40)
+    frozen = gc.get_freeze_count()
+    one = list(ft.data.make_loader(data, 2, False, 0, 0))
+    two = list(ft.data.make_loader(data, 2, False, 0, 1))
+    assert gc.get_freeze_count() == frozen
+    assert len(one) == len(two) == 3
+    for (x1, y1), (x2, y2) in zip(one, two):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ...data.pathtable import PathTable
+from ...train.seeding import freeze_inherited_objects
 from ..tasks import Clip, Task, carve_stratified_valid, load_clip
 from .settings import FinetuneError
 
@@ -210,13 +211,10 @@ def make_loader(data: ClipData, batch_size: int, shuffle: bool, seed: int, worke
         shuffle = False
     n = len(sampler) if sampler is not None else len(data)
     drop_last = (shuffle or sampler is not None) and n > batch_size and n % batch_size == 1
-    if workers:
-        import gc
-
-        gc.freeze()  # objects made so far are never visited by the workers' collector (their pages stay shared)
+    # workers keep the objects they inherit out of their collector's reach, so those pages stay shared
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                                        generator=None if sampler is not None else gen, num_workers=workers,
-                                       drop_last=drop_last)
+                                       drop_last=drop_last, worker_init_fn=freeze_inherited_objects if workers else None)
 
 
 def preload(data: ClipData, name: str, progress: bool, threads: int = 4) -> list[tuple[str, str]]:

@@ -214,7 +214,8 @@ def make_loader(data: ClipData, batch_size: int, shuffle: bool, seed: int, worke
     # workers keep the objects they inherit out of their collector's reach, so those pages stay shared
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                                        generator=None if sampler is not None else gen, num_workers=workers,
-                                       drop_last=drop_last, worker_init_fn=freeze_inherited_objects if workers else None)
+                                       drop_last=drop_last,
+                                       worker_init_fn=freeze_inherited_objects if workers else None)
 
 
 def preload(data: ClipData, name: str, progress: bool, threads: int = 4) -> list[tuple[str, str]]:

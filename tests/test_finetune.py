@@ -903,3 +903,13 @@ def test_loader_workers_give_the_batches_of_one_process_and_leave_the_parents_co
     assert len(one) == len(two) == 3
     for (x1, y1), (x2, y2) in zip(one, two):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_a_non_finite_training_loss_stops_with_the_epoch_and_lr(small_ckpt, monkeypatch):
+    model = ft.FinetuneModel(load_checkpoint(small_ckpt), 3)
+    s = ft.FinetuneSettings(lr=0.5, mixup=0.0, progress=False)
+    opt = ft.make_optimizer(list(model.parameters()), s)
+    batch = [(torch.randn(4, 8000) * 0.1, torch.eye(3)[[0, 1, 2, 0]])]
+    monkeypatch.setattr(ft.loop, 'evar_loss', lambda logits, y, multilabel: logits.sum() * float('nan'))
+    with pytest.raises(ft.FinetuneError, match=r'the training loss became nan at epoch 2; lower --lr \(0.5\)'):
+        ft.train_epoch(model, batch, opt, s, 2, np.random.default_rng(0), torch.device('cpu'), False)

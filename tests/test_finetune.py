@@ -608,6 +608,25 @@ def test_masked_encoding_keeps_the_training_mask_patches(small_ckpt):
     assert torch.allclose(got, want, atol=1e-6)
 
 
+def test_masked_encoding_of_a_unit_not_in_whole_patches_chunks_as_encode_lms(small_ckpt):
+    """A 201-frame model (12 patches of 16 frames, as 1001 frames make 62) on 401 frames: one unit, then
+    a remainder of 200 frames padded to 208 and cut to the unit's 192, as `encode_lms` cuts it (it
+    used to keep 13 columns, and the position table has 12: a ValueError)."""
+    from m2d.masking import gather_tokens, structured_training_mask
+
+    ckpt = ft.checkpoint_for_frames(load_checkpoint(small_ckpt), 201)
+    model = ft.FinetuneModel(ckpt, 3, training_mask=0.5)
+    lms = torch.randn(2, 1, 80, 401)
+    model.generator = torch.Generator().manual_seed(3)
+    got = model._encode_masked(lms)
+    bb, gen, want = model.runtime.backbone, torch.Generator().manual_seed(3), []
+    for chunk in (lms[..., :192], lms[..., 201:393]):
+        mask = structured_training_mask(2, (5, 12), 0.5, generator=gen)
+        x = gather_tokens(bb.embed(chunk), mask.ids_keep)
+        want.append(bb.run_blocks(torch.cat([bb.cls_with_pos(2), x], dim=1))[:, 1:])
+    assert torch.allclose(got, torch.cat(want, dim=1), atol=1e-6)
+
+
 def _bicubic_time(grid: np.ndarray, new_t: int, a: float = -0.75) -> np.ndarray:
     """Independent bicubic resampling along the last-but-one axis of ``[F, T, D]`` (Keys' kernel with
     a = -0.75, half-pixel centres, edge taps clamped: torch's ``bicubic`` with align_corners=False)."""
@@ -864,3 +883,33 @@ def test_as_task_from_log_mel_npy_with_weighted_epochs(tmp_path, small_ckpt):
                          weighted_sampling=6, training_mask=0.5, data_path='lms', progress=False)
     assert report['metric'] == 'mAP' and report['validation']['split'] == 'test'
     assert report['settings']['weighted_sampling'] == 6 and '--data_path lms' in report['reference_command']
+
+
+def test_loader_workers_give_the_batches_of_one_process_and_leave_the_parents_collector(tmp_path):
+    """With workers, the same batches as without; only the workers freeze what they inherit
+    (`gc.freeze` in the parent would keep every object made so far from ever being collected)."""
+    import gc
+
+    from m2d.data.pathtable import PathTable
+
+    for i in range(6):
+        np.save(tmp_path / f'{i}.npy', np.full((80, 50 + i), float(i), dtype=np.float32))
+    data = ft.ClipData(PathTable.from_names([str(tmp_path / f'{i}.npy') for i in range(6)]), np.arange(6) % 3,
+                       np.arange(1, 7), 3, 16000, 16000, False, None, unit_frames=40)
+    frozen = gc.get_freeze_count()
+    one = list(ft.data.make_loader(data, 2, False, 0, 0))
+    two = list(ft.data.make_loader(data, 2, False, 0, 1))
+    assert gc.get_freeze_count() == frozen
+    assert len(one) == len(two) == 3
+    for (x1, y1), (x2, y2) in zip(one, two):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_a_non_finite_training_loss_stops_with_the_epoch_and_lr(small_ckpt, monkeypatch):
+    model = ft.FinetuneModel(load_checkpoint(small_ckpt), 3)
+    s = ft.FinetuneSettings(lr=0.5, mixup=0.0, progress=False)
+    opt = ft.make_optimizer(list(model.parameters()), s)
+    batch = [(torch.randn(4, 8000) * 0.1, torch.eye(3)[[0, 1, 2, 0]])]
+    monkeypatch.setattr(ft.loop, 'evar_loss', lambda logits, y, multilabel: logits.sum() * float('nan'))
+    with pytest.raises(ft.FinetuneError, match=r'the training loss became nan at epoch 2; lower --lr \(0.5\)'):
+        ft.train_epoch(model, batch, opt, s, 2, np.random.default_rng(0), torch.device('cpu'), False)

@@ -163,13 +163,10 @@ def keep_selected(selected: torch.Tensor) -> Mask:
     stable sort, which is what CUDA's sort is for more than 32 entries (a 5 x 31 grid has 155); its
     CPU sort orders ties otherwise. Returns a `Mask` whose ``ids_keep`` are those patches, in that order.
     """
-    selected = selected.bool()
-    counts = selected.sum(1)
-    if counts.numel() and not bool((counts == counts[0]).all()):
-        raise ValueError(f'every sample must select the same number of patches, got counts {counts.tolist()}')
-    ids_shuffle = torch.argsort(selected.to(torch.uint8), dim=1, descending=True, stable=True)
-    len_keep = selected.shape[1] - (int(counts[0]) if counts.numel() else 0)
-    return Mask(_inverse(ids_shuffle), len_keep)
+    # `mask_from_binary` of the unselected patches orders the selected ones first, both in index order;
+    # of that order, keep as many patches as are unselected.
+    order = mask_from_binary(~selected.bool())
+    return Mask(order.ids_restore, order.num_masked)
 
 
 def structured_training_mask(batch: int, grid_size: tuple[int, int], mask_ratio: float,

@@ -159,8 +159,9 @@ def _recipe_summary(r) -> str:
     extra += ['freeze_embed'] if s.get('freeze_embed') else []
     extra += [f'{s["weighted_sampling"]} weighted clips/epoch'] if s.get('weighted_sampling') else []
     return (f'task {r.task}: {s["optim"]} lr {s["lr"]:g}, batch {s["batch_size"]}, {s["epochs"]} ep '
-            f'(warmup {s["warmup_epochs"]:g}), mask {s["freq_mask"]}/{s["time_mask"]}, training_mask {s["training_mask"]:g}, mixup {s["mixup"]:g}, '
-            f'rrc {s["rrc"]}' + (', ' + ', '.join(extra) if extra else ''))
+            f'(warmup {s["warmup_epochs"]:g}), mask {s["freq_mask"]}/{s["time_mask"]}, '
+            f'training_mask {s["training_mask"]:g}, mixup {s["mixup"]:g}, rrc {s["rrc"]}'
+            + (', ' + ', '.join(extra) if extra else ''))
 
 
 def settings_from_args(args: argparse.Namespace):

@@ -23,9 +23,10 @@ audited line by line against ``run_eval``, ``_train``, ``TaskHead``, ``AudioFine
 - loss: ``-mean(y * log_softmax(logits))`` (soft-target cross-entropy divided by the number of
   classes, so EVAR's learning rates carry over), BCE with logits for multi-label. Module `scoring`.
 - optimizer: SGD (momentum 0.9, no weight decay), AdamW (β 0.9/0.95, eps 1e-8, weight decay 1e-4,
-  amsgrad) or timm's Lars (momentum 0.9, no weight decay: then momentum SGD); the rate of timm's ``CosineLRScheduler(t_initial=epochs, lr_min=1e-7, warmup_t=5,
-  warmup_lr_init=0)``, set per micro-epoch *after* each step as ``_train`` does, so step k runs at
-  the schedule's value at ``(k-1)/steps_per_epoch``. Module `optim`.
+  amsgrad) or timm's Lars (momentum 0.9, no weight decay: then momentum SGD); the rate of timm's
+  ``CosineLRScheduler(t_initial=epochs, lr_min=1e-7, warmup_t=5, warmup_lr_init=0)``, set per
+  micro-epoch *after* each step as ``_train`` does, so step k runs at the schedule's value at
+  ``(k-1)/steps_per_epoch``. Module `optim`.
 - selection: the validation metric (accuracy, or mAP) after every epoch; a strictly better score is
   the new best (ties keep the earlier epoch); the best weights are tested. No early stopping by
   default (``ft_early_stop_epochs: -1``); ``patience`` P stops as EVAR's ``early_stop_epochs`` P-1.
@@ -73,8 +74,7 @@ checkpoint, best weights), `report`, `run` (`finetune`, the fold loop).
 
 from __future__ import annotations
 
-from .data import (CACHE_BYTES, ClipData, Splits, WeightedEpochSampler, audioset_sample_weights, choose_splits,
-                   one_hot_targets)
+from .data import CACHE_BYTES, ClipData, Splits, WeightedEpochSampler, audioset_sample_weights, choose_splits
 from .files import (CHECKPOINT_FILE, BestWeights, checkpoint_path, default_output_dir, finetuned_state, model_name,
                     state_file)
 from .loop import fit, predict_logits, train_epoch
@@ -87,11 +87,11 @@ from .scoring import class_accuracy, evaluate_scores, evar_loss
 from .settings import OPTIMIZERS, FinetuneError, FinetuneSettings, parse_norm_stats
 from ...checkpoint import save_checkpoint
 
-__all__ = ['RECIPES', 'Recipe', 'WeightedEpochSampler', 'apply_recipe', 'audioset_sample_weights',
-           'checkpoint_for_frames', 'evar_command_line', 'fit_frames', 'get_recipe', 'BestWeights', 'CACHE_BYTES', 'CHECKPOINT_FILE', 'CONFUSION_PNG', 'CURVES_PNG', 'ClipData', 'EvarHead',
-           'FinetuneError', 'FinetuneModel', 'FinetuneSettings', 'LARS', 'OPTIMIZERS', 'REPORT_JSON', 'REPORT_MD',
-           'Splits', 'checkpoint_path', 'choose_splits', 'class_accuracy', 'default_output_dir', 'evaluate_scores',
-           'evar_loss', 'finetune', 'finetuned_state', 'fit', 'learning_rate', 'make_optimizer',
-           'model_name', 'one_hot_targets', 'parse_norm_stats', 'plot_confusion', 'plot_curves', 'predict_logits',
-           'run_one', 'save_checkpoint', 'state_file', 'step_learning_rate',
+__all__ = ['BestWeights', 'CACHE_BYTES', 'CHECKPOINT_FILE', 'CONFUSION_PNG', 'CURVES_PNG', 'ClipData', 'EvarHead',
+           'FinetuneError', 'FinetuneModel', 'FinetuneSettings', 'LARS', 'OPTIMIZERS', 'RECIPES', 'REPORT_JSON',
+           'REPORT_MD', 'Recipe', 'Splits', 'WeightedEpochSampler', 'apply_recipe', 'audioset_sample_weights',
+           'checkpoint_for_frames', 'checkpoint_path', 'choose_splits', 'class_accuracy', 'default_output_dir',
+           'evaluate_scores', 'evar_command_line', 'evar_loss', 'finetune', 'finetuned_state', 'fit', 'fit_frames',
+           'get_recipe', 'learning_rate', 'make_optimizer', 'model_name', 'parse_norm_stats', 'plot_confusion',
+           'plot_curves', 'predict_logits', 'run_one', 'save_checkpoint', 'state_file', 'step_learning_rate',
            'train_epoch', 'write_report']

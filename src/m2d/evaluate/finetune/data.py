@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ...data.pathtable import PathTable
+from ...train.seeding import freeze_inherited_objects
 from ..tasks import Clip, Task, carve_stratified_valid, load_clip
 from .settings import FinetuneError
 
@@ -93,12 +94,8 @@ class ClipData(torch.utils.data.Dataset):
         """Class ids of clip `i`."""
         return self.label_ids[(self.label_ends[i - 1] if i else 0):self.label_ends[i]]
 
-    @property
-    def targets(self) -> torch.Tensor:
-        """All targets ``[N, C]`` (float32; built on demand: for small splits and tests)."""
-        return torch.stack([self.target(i) for i in range(len(self))]) if len(self) else torch.zeros(0, self.num_classes)
-
     def target(self, i: int) -> torch.Tensor:
+        """Float target ``[C]`` of clip `i`: one-hot, or multi-hot for a multi-label task."""
         y = torch.zeros(self.num_classes, dtype=torch.float32)
         y[torch.from_numpy(self.labels_of(i).astype(np.int64))] = 1.0
         return y
@@ -155,14 +152,6 @@ def read_lms(path: str) -> np.ndarray:
     if x.ndim != 2:
         raise AudioError(f'{path}: a log-mel clip must be [F, T] or [1, F, T], got shape {x.shape}')
     return x
-
-
-def one_hot_targets(task: Task, clips: list[Clip]) -> np.ndarray:
-    """``[N, C]`` float32 targets: one-hot, or multi-hot for a multi-label task."""
-    y = task.targets(clips)
-    if task.multilabel:
-        return y.astype(np.float32)
-    return np.eye(len(task.classes), dtype=np.float32)[y]
 
 
 def label_arrays(task: Task, clips: list[Clip]) -> tuple[np.ndarray, np.ndarray]:
@@ -222,13 +211,11 @@ def make_loader(data: ClipData, batch_size: int, shuffle: bool, seed: int, worke
         shuffle = False
     n = len(sampler) if sampler is not None else len(data)
     drop_last = (shuffle or sampler is not None) and n > batch_size and n % batch_size == 1
-    if workers:
-        import gc
-
-        gc.freeze()  # objects made so far are never visited by the workers' collector (their pages stay shared)
+    # workers keep the objects they inherit out of their collector's reach, so those pages stay shared
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                                        generator=None if sampler is not None else gen, num_workers=workers,
-                                       drop_last=drop_last)
+                                       drop_last=drop_last,
+                                       worker_init_fn=freeze_inherited_objects if workers else None)
 
 
 def preload(data: ClipData, name: str, progress: bool, threads: int = 4) -> list[tuple[str, str]]:

@@ -4,6 +4,7 @@ epoch, the best-validation weights kept (`BestWeights`), early stopping."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,12 +59,13 @@ def train_epoch(model: FinetuneModel, loader, optimizer: torch.optim.Optimizer, 
         with _autocast(device, s.bf16):
             logits = model(wav)
         loss = evar_loss(logits.float(), y, multilabel)
-        if not torch.isfinite(loss):
-            raise FinetuneError(f'the training loss became {loss.item()} at epoch {epoch}; lower --lr ({s.lr})')
+        value = loss.item()  # the step's one host sync
+        if not math.isfinite(value):
+            raise FinetuneError(f'the training loss became {value} at epoch {epoch}; lower --lr ({s.lr})')
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(value)
     return float(np.mean(losses)), lr
 
 

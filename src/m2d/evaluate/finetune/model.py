@@ -46,6 +46,7 @@ def fit_frames(lms: torch.Tensor, frames: int) -> torch.Tensor:
         return F.pad(lms, (0, frames - t))
     return lms
 
+
 class EvarHead(nn.Module):
     """EVAR's ``TaskHead``: ``BatchNorm1d(D, affine=False)`` then ``Linear(D, C)``, same key names
     (``norm.*``, ``mlp.mlp.0.*``); the Linear starts at N(0, 0.01), bias 0."""
@@ -109,11 +110,11 @@ class FinetuneModel(nn.Module):
         features ``[B, N_kept, D]`` of all chunks."""
         backbone, cfg = self.runtime.backbone, self.runtime.cfg
         unit, pw = cfg.input_size[1], cfg.patch_size[1]
-        used = cfg.grid_size[1] * pw
-        chunks = [lms[..., s:s + unit][..., :used] for s in range(0, lms.shape[-1] - lms.shape[-1] % unit, unit)]
-        rest = lms.shape[-1] % unit
-        if rest:
-            chunks.append(F.pad(lms[..., lms.shape[-1] - rest:], (0, (pw - rest % pw) % pw)))
+        used = cfg.grid_size[1] * pw  # the unit's frames in whole patches (992 of a 1001-frame unit)
+        n_full, rest = divmod(lms.shape[-1], unit)
+        chunks = [lms[..., c * unit:c * unit + used] for c in range(n_full)]
+        if rest:  # padded to whole patches, never past the unit's (as `RuntimeM2D.encode_lms`)
+            chunks.append(F.pad(lms[..., n_full * unit:], (0, (pw - rest % pw) % pw))[..., :used])
         B, outs = lms.shape[0], []
         for chunk in chunks:
             x = backbone.embed(chunk)                                   # [B, Fp*Tp', D]

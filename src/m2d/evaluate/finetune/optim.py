@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .settings import FinetuneSettings
 
+
 class LARS(torch.optim.Optimizer):
     """timm's ``Lars`` (``timm.optim.Lars``), which EVAR's ``--optim lars`` builds with momentum 0.9 and
     weight decay 0.
@@ -83,8 +84,6 @@ def learning_rate(epoch: float, lr: float, warmup_epochs: float, epochs: float, 
     if epoch >= epochs:
         return min_lr
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-
-
 
 
 def step_learning_rate(step: int, steps_per_epoch: int, s: FinetuneSettings) -> float:

@@ -27,7 +27,6 @@ class Recipe:
     script: str                     # the reference's script, e.g. util/ft-as2m.sh
     task: str                       # EVAR's task name the script fine-tunes on
     settings: dict[str, Any] = field(default_factory=dict)  # FinetuneSettings fields
-    data_path: bool = False         # the script passes --data_path (log-mel .npy clips)
 
 
 _COMMON = dict(warmup_epochs=5.0, epochs=200, batch_size=128, optim='sgd', patience=0)  # config/m2d.yaml
@@ -36,7 +35,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe('as2m', 'util/ft-as2m.sh', 'as', {
         **_COMMON, 'dur_frames': 1001, 'lr': 2.0, 'freq_mask': 30, 'time_mask': 192, 'training_mask': 0.5,
         'mixup': 0.5, 'rrc': False, 'epochs': 70, 'warmup_epochs': 15.0, 'optim': 'lars', 'batch_size': 64,
-        'weighted_sampling': AS_EPOCH_CLIPS}, data_path=True),
+        'weighted_sampling': AS_EPOCH_CLIPS}),  # the script also passes --data_path (log-mel .npy clips)
     Recipe('as20k', 'util/ft-as20k.sh', 'as20k', {
         **_COMMON, 'dur_frames': 1001, 'lr': 0.5, 'freq_mask': 30, 'time_mask': 192, 'training_mask': 0.5,
         'mixup': 0.3, 'rrc': True, 'batch_size': 64}),

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..encode_files import parse_layers
 from ..errors import M2DError
 from ..fileio import atomic_path
 from ..normstats import parse_mean_std
 from . import metrics
-from .embed import (EmbeddingError, Embeddings, auto_norm_stats, file_sha256, logmel_embeddings, model_embeddings,
-                    parse_layers)
+from .embed import EmbeddingError, Embeddings, auto_norm_stats, file_sha256, logmel_embeddings, model_embeddings
 from .probe import ADAM_BETAS, ADAM_EPS, ProbeResult, Split, probe
 from .report import pct
 from .summary import write_summary

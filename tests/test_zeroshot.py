@@ -18,6 +18,7 @@ from m2d.cli import main
 from m2d.evaluate import captions as cap
 from m2d.evaluate import clap_embed as clap_mod
 from m2d.evaluate import retrieval, zeroshot
+from m2d.errors import M2DError
 from m2d.evaluate.tasks import Clip, Task
 
 SR = 16000
@@ -273,6 +274,21 @@ def test_zeroshot_csv_without_split_scores_every_clip(tmp_path, standin):
     assert len(zeroshot.load_zeroshot_task(csv=data / 'test_only.csv', data_dir=data).split('test')) == 2
 
 
+def test_zeroshot_several_weights_compared(tmp_path, standin):
+    data = tmp_path / 'd'
+    task = zeroshot.load_zeroshot_task(csv=_fold_csv_task(data), data_dir=data)
+    weights = [tmp_path / 'a' / 'w.pth', tmp_path / 'b' / 'w.pth', tmp_path / 'v.pth']
+    summary = zeroshot.zeroshot_eval(weights, task, tmp_path / 'cmp', use_cache=False, progress=False)
+    assert [r['output_dir'] for r in summary['reports']] == [str(tmp_path / 'cmp' / s) for s in ('w-1', 'w-2', 'v')]
+    # same-named files keep a row each (the second used to overwrite the first's)
+    assert [row['name'] for row in summary['rows']] == ['w-1', 'w-2', 'v']
+    assert all(row['results']['esc50']['mean'] == pytest.approx(11 / 12) for row in summary['rows'])
+    md = (tmp_path / 'cmp' / 'summary.md').read_text()
+    assert md.startswith('# Zero-shot classification summary') and 'Mean ± std' not in md
+    with pytest.raises(M2DError, match='--weights: no weight file given'):
+        zeroshot.zeroshot_eval([], task)
+
+
 def test_zeroshot_embeddings_cached(tmp_path, standin):
     data = tmp_path / 'd'
     csv = _fold_csv_task(data)
@@ -364,6 +380,17 @@ def test_retrieval_command_end_to_end(tmp_path, standin, capsys):
         assert report['results'][key]['R@1'] == 100.0 and report['results'][key]['median_rank'] == 1.0
     assert 'text->audio R@1 100.00' in capsys.readouterr().out
     assert '| text → audio | 100.00 |' in (out / 'report.md').read_text()
+
+
+def test_retrieval_command_same_named_weights_get_their_own_folders(tmp_path, standin, capsys):
+    # Two files named clap.pth: each report in its own numbered folder (the second used to overwrite the first).
+    root = tmp_path / 'clean'
+    out = tmp_path / 'r'
+    weights = [str(tmp_path / 'a' / 'clap.pth'), str(tmp_path / 'b' / 'clap.pth')]
+    assert main(['retrieval', '--weights', *weights, '--captions', str(_caption_csv(root)),
+                 '--data_dir', str(root), '--output_dir', str(out), '--no_cache', '-q']) == 0
+    assert [json.loads((out / sub / 'report.json').read_text())['weights'] for sub in ('clap-1', 'clap-2')] == weights
+    assert not (out / 'clap').exists()
 
 
 def test_retrieval_swapped_caption_matches_independent_ranking(tmp_path, standin):

@@ -85,11 +85,9 @@ def load_clap(weights: str | Path, *, bf16: bool = False, trust: bool = False,
     if text_encoder:
         kwargs['text_encoder'] = text_encoder
     runtime = load(path, **kwargs)
-    if getattr(runtime, 'audio_proj', None) is None:
+    if not runtime.is_clap:
         raise ClapEvalError(f'{path}: no audio_proj; zero-shot evaluation needs an M2D-CLAP weight file '
-                        '(e.g. m2d_clap_vit_base-80x608p16x16-240128)')
-    if not hasattr(runtime, 'encode_text'):
-        raise ClapEvalError(f'{path}: this m2d has no CLAP text encoder (RuntimeM2D.encode_text)')
+                            '(e.g. m2d_clap_vit_base-80x608p16x16-240128)')
     return LoadedCLAP(path, runtime, file_sha256(path), weights_name(path))
 
 

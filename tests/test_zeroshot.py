@@ -318,6 +318,19 @@ def test_zeroshot_suite_evar_with_published_rows(tmp_path, standin, capsys):
     assert 'summary.md' in capsys.readouterr().out
 
 
+def test_zeroshot_suite_entry_name_keeps_the_tasks_caption_wording(tmp_path, standin):
+    # A suite entry named otherwise than its EVAR task still gets that task's wording (gtzan: "... music").
+    data = tmp_path / 'g'
+    (data / 'gtzan.csv').write_text(_fold_csv_task(data).read_text())
+    suite = tmp_path / 'suite.toml'
+    suite.write_text(f'[[task]]\nname = "genres"\ntask = "gtzan"\ndata_dir = "{data.as_posix()}"\n')
+    summary = zeroshot.run_zeroshot_suite([tmp_path / 'w.pth'], suite, output_dir=tmp_path / 'o', use_cache=False,
+                                          progress=False)
+    assert summary['errors'] == {} and summary['tasks'] == ['genres']
+    report = json.loads((tmp_path / 'o' / 'w' / 'genres' / 'report.json').read_text())
+    assert report['captions'] == {'band1': 'band1 music can be heard', 'band5': 'band5 music can be heard'}
+
+
 def test_zeroshot_command_errors(tmp_path, standin, capsys):
     assert main(['zeroshot', '--weights', 'w.pth', '--suite', 'evar']) == 2
     assert '--data_dir ROOT' in capsys.readouterr().err

@@ -178,9 +178,9 @@ PROTOCOL = {
 
 
 def evaluate_zeroshot(weights: str | Path, task: Task, output_dir: str | Path | None,
-                      opts: ZeroShotOptions) -> dict[str, Any]:
+                      opts: ZeroShotOptions, wording: str | None = None) -> dict[str, Any]:
     """Zero-shot evaluation of one weight file on `task`; writes ``report.json``/``report.md`` and
-    returns the report."""
+    returns the report. `wording`: the task whose EVAR caption wording applies (default ``task.name``)."""
     from ..runtime import resolve_device
 
     clock, timings = time.perf_counter(), {}
@@ -190,7 +190,7 @@ def evaluate_zeroshot(weights: str | Path, task: Task, output_dir: str | Path | 
     loaded = load_clap(weights, bf16=opts.bf16, trust=opts.trust, text_encoder=opts.text_encoder)
     timings['load_s'] = time.perf_counter() - t0
 
-    captions = class_to_caption(task.name, task.classes, opts.template)
+    captions = class_to_caption(wording or task.name, task.classes, opts.template)
     log.info('%s captions: %s ...', task.name, captions[:3])
     t0 = time.perf_counter()
     loaded.runtime.to(device).eval()
@@ -301,13 +301,16 @@ def run_zeroshot_suite(weights: list[str | Path], suite: str | Path, data_dir: s
         name = Path(suite).stem
     out = Path(output_dir) if output_dir is not None else Path('eval') / f'zeroshot-{name}'
 
+    wording: dict[str, str] = {}  # entry name -> the task's own name, which EVAR's caption wording goes by
+
     def load(entry: dict[str, Any]) -> Task:
         task = load_zeroshot_task(entry.get('task'), csv=entry.get('csv'), data_dir=entry.get('data_dir'),
                                   unit_sec=entry.get('unit_sec', unit_sec))
+        wording[entry['name']] = task.name
         task.name = entry['name']
         return task
 
     def evaluate(w: str | Path, task: Task, folder: Path) -> dict[str, Any]:
-        return evaluate_zeroshot(w, task, folder, opts)
+        return evaluate_zeroshot(w, task, folder, opts, wording=wording[task.name])
 
     return run_suite_entries(weights, entries, out, load, evaluate, 'zero-shot suite', order, **extra)

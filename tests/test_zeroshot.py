@@ -45,7 +45,7 @@ class StandInClap(torch.nn.Module):
         e = torch.stack(bands, -1)
         return torch.cat([e / e.sum(-1, keepdim=True), torch.zeros_like(e)], -1).float()
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
+    def encode_text(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         self.text_calls.append(list(texts))
         out = []
         for t in texts:
@@ -477,6 +477,18 @@ def test_clap_audio_embeddings_crop_pad_like_evar(tmp_path, monkeypatch):
     with torch.inference_mode():
         expect = rt.encode_clap_audio(torch.from_numpy(sf.read(clips[0].path, dtype='float32')[0])[None])[0].numpy()
     np.testing.assert_allclose(whole.x[0, 0], expect, rtol=1e-4, atol=1e-5)
+
+
+def test_text_embeddings_pass_the_text_batch_size_to_the_encoder():
+    # --text_batch_size reaches RuntimeM2D.encode_text (it used to be capped by encode_text's own default of 64)
+    class Recorder:
+        def encode_text(self, texts, batch_size=64):
+            self.seen = (len(texts), batch_size)
+            return torch.ones(len(texts), 3, dtype=torch.float64)
+
+    rt = Recorder()
+    x = clap_mod.text_embeddings(rt, [f't{i}' for i in range(130)], batch_size=128)
+    assert rt.seen == (130, 128) and x.shape == (130, 3) and x.dtype == np.float32
 
 
 def test_load_clap_refuses_a_file_without_audio_proj(tmp_path):

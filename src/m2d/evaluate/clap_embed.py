@@ -153,14 +153,11 @@ def audio_embeddings(loaded: LoadedCLAP, clips: Sequence[Clip], *, name: str, un
 
 
 def text_embeddings(runtime: Any, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """CLAP text embeddings ``[N, D]`` (float32) of `texts`, `batch_size` texts per call."""
+    """CLAP text embeddings ``[N, D]`` (float32) of `texts`, `batch_size` texts per text encoder pass."""
     if not texts:
         raise ClapEvalError('no text to encode')
-    out = []
     with torch.inference_mode():
-        for i in range(0, len(texts), batch_size):
-            out.append(runtime.encode_text(list(texts[i:i + batch_size])).float().cpu().numpy())
-    return np.concatenate(out).astype(np.float32)
+        return runtime.encode_text(list(texts), batch_size=batch_size).float().cpu().numpy()
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -170,8 +170,9 @@ def test_multilabel_map():
 def test_embeddings_select_layers_and_skip_failed_clips():
     from pathlib import Path
 
+    from m2d.encode_files import parse_layers
     from m2d.evaluate import Clip
-    from m2d.evaluate.embed import Embeddings, parse_layers
+    from m2d.evaluate.embed import Embeddings
     from m2d.errors import M2DError
 
     x = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)  # 3 clips, layers [3, 11], 4-d

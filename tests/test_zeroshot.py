@@ -18,6 +18,7 @@ from m2d.cli import main
 from m2d.evaluate import captions as cap
 from m2d.evaluate import clap_embed as clap_mod
 from m2d.evaluate import retrieval, zeroshot
+from m2d.errors import M2DError
 from m2d.evaluate.tasks import Clip, Task
 
 SR = 16000
@@ -44,7 +45,7 @@ class StandInClap(torch.nn.Module):
         e = torch.stack(bands, -1)
         return torch.cat([e / e.sum(-1, keepdim=True), torch.zeros_like(e)], -1).float()
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
+    def encode_text(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         self.text_calls.append(list(texts))
         out = []
         for t in texts:
@@ -273,6 +274,21 @@ def test_zeroshot_csv_without_split_scores_every_clip(tmp_path, standin):
     assert len(zeroshot.load_zeroshot_task(csv=data / 'test_only.csv', data_dir=data).split('test')) == 2
 
 
+def test_zeroshot_several_weights_compared(tmp_path, standin):
+    data = tmp_path / 'd'
+    task = zeroshot.load_zeroshot_task(csv=_fold_csv_task(data), data_dir=data)
+    weights = [tmp_path / 'a' / 'w.pth', tmp_path / 'b' / 'w.pth', tmp_path / 'v.pth']
+    summary = zeroshot.zeroshot_eval(weights, task, tmp_path / 'cmp', use_cache=False, progress=False)
+    assert [r['output_dir'] for r in summary['reports']] == [str(tmp_path / 'cmp' / s) for s in ('w-1', 'w-2', 'v')]
+    # same-named files keep a row each (the second used to overwrite the first's)
+    assert [row['name'] for row in summary['rows']] == ['w-1', 'w-2', 'v']
+    assert all(row['results']['esc50']['mean'] == pytest.approx(11 / 12) for row in summary['rows'])
+    md = (tmp_path / 'cmp' / 'summary.md').read_text()
+    assert md.startswith('# Zero-shot classification summary') and 'Mean ± std' not in md
+    with pytest.raises(M2DError, match='--weights: no weight file given'):
+        zeroshot.zeroshot_eval([], task)
+
+
 def test_zeroshot_embeddings_cached(tmp_path, standin):
     data = tmp_path / 'd'
     csv = _fold_csv_task(data)
@@ -300,6 +316,19 @@ def test_zeroshot_suite_evar_with_published_rows(tmp_path, standin, capsys):
     assert published.split('|')[2:9] == [' 27.2% ', ' 40.8% ', ' 75.5% ', ' 72.4% ', ' 17.7% ', ' 75.2% ', ' 23.4% ']
     assert 'Mean ± std over seeds' not in md and '91.7%' in md
     assert 'summary.md' in capsys.readouterr().out
+
+
+def test_zeroshot_suite_entry_name_keeps_the_tasks_caption_wording(tmp_path, standin):
+    # A suite entry named otherwise than its EVAR task still gets that task's wording (gtzan: "... music").
+    data = tmp_path / 'g'
+    (data / 'gtzan.csv').write_text(_fold_csv_task(data).read_text())
+    suite = tmp_path / 'suite.toml'
+    suite.write_text(f'[[task]]\nname = "genres"\ntask = "gtzan"\ndata_dir = "{data.as_posix()}"\n')
+    summary = zeroshot.run_zeroshot_suite([tmp_path / 'w.pth'], suite, output_dir=tmp_path / 'o', use_cache=False,
+                                          progress=False)
+    assert summary['errors'] == {} and summary['tasks'] == ['genres']
+    report = json.loads((tmp_path / 'o' / 'w' / 'genres' / 'report.json').read_text())
+    assert report['captions'] == {'band1': 'band1 music can be heard', 'band5': 'band5 music can be heard'}
 
 
 def test_zeroshot_command_errors(tmp_path, standin, capsys):
@@ -364,6 +393,17 @@ def test_retrieval_command_end_to_end(tmp_path, standin, capsys):
         assert report['results'][key]['R@1'] == 100.0 and report['results'][key]['median_rank'] == 1.0
     assert 'text->audio R@1 100.00' in capsys.readouterr().out
     assert '| text → audio | 100.00 |' in (out / 'report.md').read_text()
+
+
+def test_retrieval_command_same_named_weights_get_their_own_folders(tmp_path, standin, capsys):
+    # Two files named clap.pth: each report in its own numbered folder (the second used to overwrite the first).
+    root = tmp_path / 'clean'
+    out = tmp_path / 'r'
+    weights = [str(tmp_path / 'a' / 'clap.pth'), str(tmp_path / 'b' / 'clap.pth')]
+    assert main(['retrieval', '--weights', *weights, '--captions', str(_caption_csv(root)),
+                 '--data_dir', str(root), '--output_dir', str(out), '--no_cache', '-q']) == 0
+    assert [json.loads((out / sub / 'report.json').read_text())['weights'] for sub in ('clap-1', 'clap-2')] == weights
+    assert not (out / 'clap').exists()
 
 
 def test_retrieval_swapped_caption_matches_independent_ranking(tmp_path, standin):
@@ -437,6 +477,18 @@ def test_clap_audio_embeddings_crop_pad_like_evar(tmp_path, monkeypatch):
     with torch.inference_mode():
         expect = rt.encode_clap_audio(torch.from_numpy(sf.read(clips[0].path, dtype='float32')[0])[None])[0].numpy()
     np.testing.assert_allclose(whole.x[0, 0], expect, rtol=1e-4, atol=1e-5)
+
+
+def test_text_embeddings_pass_the_text_batch_size_to_the_encoder():
+    # --text_batch_size reaches RuntimeM2D.encode_text (it used to be capped by encode_text's own default of 64)
+    class Recorder:
+        def encode_text(self, texts, batch_size=64):
+            self.seen = (len(texts), batch_size)
+            return torch.ones(len(texts), 3, dtype=torch.float64)
+
+    rt = Recorder()
+    x = clap_mod.text_embeddings(rt, [f't{i}' for i in range(130)], batch_size=128)
+    assert rt.seen == (130, 128) and x.shape == (130, 3) and x.dtype == np.float32
 
 
 def test_load_clap_refuses_a_file_without_audio_proj(tmp_path):

@@ -353,7 +353,7 @@ class RuntimeM2D(nn.Module):
         from .clap import encode_texts
 
         encoder = self.load_text_encoder()
-        x = encode_texts(encoder, [texts] if isinstance(texts, str) else texts, truncate, batch_size)
+        x = encode_texts(encoder, texts, truncate, batch_size)
         x = x.to(self.norm_stats.device)
         return self.text_proj(x) if self.text_proj is not None else x
 

@@ -55,15 +55,15 @@ def _ks(text: str) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..evaluate.linear import weights_name
+    from ..evaluate.linear import weight_folders
     from ..evaluate.retrieval import evaluate_retrieval, read_caption_csv, summary_line
 
     data = read_caption_csv(args.captions, args.data_dir, args.split)
     opts = dict(unit_sec=args.unit_sec, ks=_ks(args.ks), **encoding_options(args))
-    for w in args.weights:
+    for w, sub in zip(args.weights, weight_folders(args.weights)):
         out = args.output_dir
         if out is not None and len(args.weights) > 1:
-            out = Path(out) / weights_name(w)
+            out = Path(out) / sub
         report = evaluate_retrieval(w, data, out, **opts)
         print(f'retrieval: {report["weights_name"]} on {data.name} ({report["data"]["clips"]} clips, '
               f'{report["data"]["captions"]} captions): {summary_line(report)} -> {report["output_dir"]}/report.md')

@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from ..clap import DEFAULT_TEMPLATE, captions
+
 log = logging.getLogger(__name__)
 
-# The sentence every caption is made of (EVAR's name + " can be heard"; also the reference notebook's).
-# ``{label}`` (or ``{}``) is where the class name goes.
-EVAR_TEMPLATE = '{label} can be heard'
+# The sentence every caption is made of (EVAR's name + " can be heard"; also the reference notebook's,
+# `m2d.clap.DEFAULT_TEMPLATE`). ``{label}`` (or ``{}``) is where the class name goes.
+EVAR_TEMPLATE = DEFAULT_TEMPLATE
 PLACEHOLDERS = ('{label}', '{}')
 
 # CREMA-D's emotion codes as EVAR words them.
@@ -71,4 +73,4 @@ def class_to_caption(task: str | None, classes: Sequence[str], template: str = E
     slot = next((p for p in PLACEHOLDERS if p in template), None)
     if slot is None:
         raise ValueError(f'--template {template!r}: needs {{label}} where the class name goes')
-    return [template.replace(slot, name.replace('_', ' ')) for name in class_names(task, classes)]
+    return captions(class_names(task, classes), template.replace(slot, '{label}'))  # '_' -> ' ', as predict's

@@ -85,11 +85,9 @@ def load_clap(weights: str | Path, *, bf16: bool = False, trust: bool = False,
     if text_encoder:
         kwargs['text_encoder'] = text_encoder
     runtime = load(path, **kwargs)
-    if getattr(runtime, 'audio_proj', None) is None:
+    if not runtime.is_clap:
         raise ClapEvalError(f'{path}: no audio_proj; zero-shot evaluation needs an M2D-CLAP weight file '
-                        '(e.g. m2d_clap_vit_base-80x608p16x16-240128)')
-    if not hasattr(runtime, 'encode_text'):
-        raise ClapEvalError(f'{path}: this m2d has no CLAP text encoder (RuntimeM2D.encode_text)')
+                            '(e.g. m2d_clap_vit_base-80x608p16x16-240128)')
     return LoadedCLAP(path, runtime, file_sha256(path), weights_name(path))
 
 
@@ -155,14 +153,11 @@ def audio_embeddings(loaded: LoadedCLAP, clips: Sequence[Clip], *, name: str, un
 
 
 def text_embeddings(runtime: Any, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """CLAP text embeddings ``[N, D]`` (float32) of `texts`, `batch_size` texts per call."""
+    """CLAP text embeddings ``[N, D]`` (float32) of `texts`, `batch_size` texts per text encoder pass."""
     if not texts:
         raise ClapEvalError('no text to encode')
-    out = []
     with torch.inference_mode():
-        for i in range(0, len(texts), batch_size):
-            out.append(runtime.encode_text(list(texts[i:i + batch_size])).float().cpu().numpy())
-    return np.concatenate(out).astype(np.float32)
+        return runtime.encode_text(list(texts), batch_size=batch_size).float().cpu().numpy()
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

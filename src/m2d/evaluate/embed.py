@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..encode_files import parse_layers  # noqa: F401  (re-exported: evaluation's --layers)
 from ..errors import M2DError
 from ..fileio import atomic_path
 from .tasks import Clip, Task, load_clip

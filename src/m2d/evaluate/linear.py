@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..encode_files import parse_layers
 from ..errors import M2DError
 from ..fileio import atomic_path
 from ..normstats import parse_mean_std
 from . import metrics
-from .embed import (EmbeddingError, Embeddings, auto_norm_stats, file_sha256, logmel_embeddings, model_embeddings,
-                    parse_layers)
+from .embed import EmbeddingError, Embeddings, auto_norm_stats, file_sha256, logmel_embeddings, model_embeddings
 from .probe import ADAM_BETAS, ADAM_EPS, ProbeResult, Split, probe
 from .report import pct
 from .summary import write_summary
@@ -479,12 +479,13 @@ def write_report(report: dict, out: Path, task: Task, emb: Embeddings, figures: 
 
         report['figures'] = report_figures(report, out, task, emb)
     with atomic_path(out / 'report.json') as tmp:
-        tmp.write_text(json.dumps(report, indent=1, default=_json_default) + '\n')
+        tmp.write_text(json.dumps(report, indent=1, default=json_default) + '\n')
     write_markdown(report, out / 'report.md')
     return out / 'report.json'
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """`json.dumps`' ``default`` for reports: numpy scalars, paths, tuples."""
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, (Path, tuple)):
@@ -507,19 +508,32 @@ def linear_eval(weights: str | Path | Sequence[str | Path], task: Task, output_d
     ``'reports'``.
     """
     opts = LinearOptions.from_kwargs(options)
+    return evaluate_each(weights, task, output_dir, lambda w, out: evaluate_weights(w, task, out, opts),
+                         Path('eval') / 'compare' / task.name)
+
+
+def weight_folders(weights: Sequence[str | Path]) -> list[str]:
+    """One sub-folder name per weight file when several are evaluated: its `weights_name`, with the
+    file's position appended (``NAME-2``) where two files have the same name."""
+    names = [weights_name(w) for w in weights]
+    return [n if names.count(n) == 1 else f'{n}-{i + 1}' for i, n in enumerate(names)]
+
+
+def evaluate_each(weights: str | Path | Sequence[str | Path], task: Task, output_dir: str | Path | None,
+                  evaluate: Callable[[str | Path, Path | None], dict], compare_dir: Path, **summary_extra) -> dict:
+    """`evaluate(weights, output_dir)` of one weight file (returns its report), or of each of several into
+    ``output_dir/<weights-name>/`` (`weight_folders`; no `output_dir`: each its own default folder), then
+    ``summary.md``/``.json`` in `output_dir` (default `compare_dir`; `summary_extra`: `write_summary`'s
+    wording); returns the summary with the reports under ``'reports'``."""
     if isinstance(weights, (str, Path)):
-        return evaluate_weights(weights, task, output_dir, opts)
+        return evaluate(weights, output_dir)
     weights = list(weights)
     if not weights:
         raise M2DError('--weights: no weight file given')
     if len(weights) == 1:
-        return evaluate_weights(weights[0], task, output_dir, opts)
-    reports, names = [], [weights_name(w) for w in weights]
-    for i, w in enumerate(weights):
-        sub = names[i] if names.count(names[i]) == 1 else f'{names[i]}-{i + 1}'
-        out = Path(output_dir) / sub if output_dir is not None else None
-        reports.append(evaluate_weights(w, task, out, opts))
-    summary_dir = Path(output_dir) if output_dir is not None else Path('eval') / 'compare' / task.name
-    summary = write_summary(reports, summary_dir)
+        return evaluate(weights[0], output_dir)
+    reports = [evaluate(w, Path(output_dir) / sub if output_dir is not None else None)
+               for w, sub in zip(weights, weight_folders(weights))]
+    summary = write_summary(reports, Path(output_dir) if output_dir is not None else compare_dir, **summary_extra)
     summary['reports'] = reports
     return summary

@@ -34,8 +34,19 @@ class PredictError(M2DError, ValueError):
     """A weight file or input `predict` cannot use; the message names it."""
 
 
+class _ModelWindow:
+    """What a timeline needs of a classifier around `runtime`: the length of one model input."""
+
+    runtime: RuntimeM2D
+
+    @property
+    def window_samples(self) -> int:
+        """Samples of one model input (e.g. 160,000 for 80x1001 frames at 16 kHz: 10 s)."""
+        return (self.runtime.cfg.input_size[1] - 1) * self.runtime.to_spec.config.hop_length
+
+
 @dataclass
-class Classifier:
+class Classifier(_ModelWindow):
     """A fine-tuned runtime with what its file says about its classes."""
 
     runtime: RuntimeM2D
@@ -47,11 +58,6 @@ class Classifier:
     @property
     def num_classes(self) -> int:
         return self.runtime.head.out_features
-
-    @property
-    def window_samples(self) -> int:
-        """Samples of one model input (e.g. 160,000 for 80x1001 frames at 16 kHz: 10 s)."""
-        return (self.runtime.cfg.input_size[1] - 1) * self.runtime.to_spec.config.hop_length
 
     def label(self, index: int) -> str:
         return self.classes[index] if self.classes else f'#{index}'
@@ -67,7 +73,7 @@ class Classifier:
 
 
 @dataclass
-class ZeroShotClassifier:
+class ZeroShotClassifier(_ModelWindow):
     """An M2D-CLAP runtime with the text embeddings of a label set: zero-shot classification."""
 
     runtime: RuntimeM2D
@@ -81,11 +87,6 @@ class ZeroShotClassifier:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    @property
-    def window_samples(self) -> int:
-        """Samples of one model input (the timeline's window)."""
-        return (self.runtime.cfg.input_size[1] - 1) * self.runtime.to_spec.config.hop_length
 
     def label(self, index: int) -> str:
         return self.classes[index]

@@ -125,7 +125,7 @@ def class_counts(y: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def carve_linear_eval_valid(y: np.ndarray, n_classes: int, seed: int, fraction: float = 0.1,
-                     draws: int = VALID_DRAWS) -> tuple[np.ndarray, np.ndarray]:
+                            draws: int = VALID_DRAWS) -> tuple[np.ndarray, np.ndarray]:
     """The linear evaluation's validation part (EVAR's protocol, for tasks whose folds have no valid
     split): train and validation indices, a random ``ceil(fraction * N)`` of the items being validation,
     drawn again (up to `draws` times) until every class present in `y` is present in it (EVAR's

@@ -23,7 +23,6 @@ there. Ties (equal scores) are ranked by position in the CSV, the earlier first.
 
 from __future__ import annotations
 
-import csv as csv_module
 import logging
 import re
 import time
@@ -38,7 +37,7 @@ import numpy as np
 from .. import __version__
 from ..errors import M2DError
 from .clap_embed import EncodingOptions, audio_embeddings, check_failed, cosine_similarity, load_clap, text_embeddings
-from .tasks import SPLIT_ALIASES, Clip
+from .tasks import SPLIT_ALIASES, Clip, read_csv_rows
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +75,7 @@ def read_caption_csv(csv: str | Path, data_dir: str | Path, split: str | None = 
     """Clips and captions of a caption CSV (see the module's docstring); `split` selects rows by the
     ``split`` column (default ``test`` when there is one)."""
     csv, data_dir = Path(csv), Path(data_dir)
-    if not csv.is_file():
-        raise RetrievalError(f'--captions {csv}: no such file')
-    if not data_dir.is_dir():
-        raise RetrievalError(f'--data_dir {data_dir}: no such folder (the audio files of {csv.name} are read from there)')
-    with open(csv, newline='', encoding='utf-8-sig') as f:
-        reader = csv_module.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{(k or '').strip(): (v or '').strip() for k, v in row.items()} for row in reader]
+    columns, rows = read_csv_rows(csv, data_dir, '--captions', RetrievalError)
     caption_columns = [c for c in columns if CAPTION_COLUMN.match(c)]
     if 'file_name' not in columns or not caption_columns:
         raise RetrievalError(f'{csv}: expected a file_name column and caption columns (caption, or caption_1 ... '

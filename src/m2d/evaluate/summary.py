@@ -20,6 +20,14 @@ def _random_label(report: dict) -> str:
     return f'random encoder {g["embed_dim"]}-d x{g["depth"]} {f}x{t}p{ph}x{pw} (baseline)'
 
 
+def _row_names(reports: list[dict]) -> dict[str, str]:
+    """The row name of each weight file: its ``weights_name``, with the file's position among the distinct
+    files appended (``NAME-2``, as the report folders) where different files have the same name."""
+    files = {r['weights']: r['weights_name'] for r in reports}
+    names = list(files.values())
+    return {w: n if names.count(n) == 1 else f'{n}-{i + 1}' for i, (w, n) in enumerate(files.items())}
+
+
 def summarize(reports: list[dict], task_order: list[str] | None = None) -> dict[str, Any]:
     """Rows (weight files, then baselines) x columns (tasks) of the reports' test results."""
     tasks = list(dict.fromkeys((task_order or []) + [r['task']['name'] for r in reports]))
@@ -30,8 +38,9 @@ def summarize(reports: list[dict], task_order: list[str] | None = None) -> dict[
         row['results'][task] = {'metric': metric, **{k: entry[k] for k in ('mean', 'std', 'per_seed', 'per_fold')
                                                      if k in entry}}
 
+    names = _row_names(reports)
     for r in reports:
-        put(r['weights_name'], 'weights', r['task']['name'], r['model'], r['metric'], r['weights'])
+        put(names[r['weights']], 'weights', r['task']['name'], r['model'], r['metric'], r['weights'])
     for r in reports:
         if 'logmel' in r:
             put('log-mel mean+std per bin (baseline)', 'baseline', r['task']['name'], r['logmel'], r['metric'])

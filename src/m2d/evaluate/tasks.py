@@ -227,16 +227,24 @@ def _parse_labels(cell: str, sep: str | None) -> tuple[str, ...]:
     return tuple(sorted(dict.fromkeys(p for p in parts if p)))
 
 
-def _read_csv_task(csv: Path, data_dir: Path, seed: int, ratio,
-                   file_suffix: str | None = None) -> tuple[list[Clip], list[str]]:
+def read_csv_rows(csv: Path, data_dir: Path, option: str = '--csv',
+                  error: type[Exception] = TaskError) -> tuple[list[str], list[dict[str, str]]]:
+    """The column names and rows (every cell stripped) of a CSV whose file names are relative to
+    `data_dir`; `error` naming `option` (or ``--data_dir``) when the file or the folder is not there."""
     if not csv.is_file():
-        raise TaskError(f'--csv {csv}: no such file')
+        raise error(f'{option} {csv}: no such file')
     if not data_dir.is_dir():
-        raise TaskError(f'--data_dir {data_dir}: no such folder (the audio files of {csv.name} are read from there)')
+        raise error(f'--data_dir {data_dir}: no such folder (the audio files of {csv.name} are read from there)')
     with open(csv, newline='', encoding='utf-8-sig') as f:
         reader = csv_module.DictReader(f)
         columns = [c.strip() for c in (reader.fieldnames or [])]
         rows = [{(k or '').strip(): (v or '').strip() for k, v in row.items()} for row in reader]
+    return columns, rows
+
+
+def _read_csv_task(csv: Path, data_dir: Path, seed: int, ratio,
+                   file_suffix: str | None = None) -> tuple[list[Clip], list[str]]:
+    columns, rows = read_csv_rows(csv, data_dir)
     missing = [c for c in ('file_name', 'label') if c not in columns]
     if missing:
         raise TaskError(f'{csv}: no column {" or ".join(repr(c) for c in missing)} (columns: {", ".join(columns) or "none"}; '

@@ -43,6 +43,7 @@ from . import metrics
 from .captions import EVAR_TEMPLATE, class_to_caption
 from .clap_embed import EncodingOptions, audio_embeddings, check_failed, cosine_similarity, load_clap, text_embeddings
 from .evar import EVAR_TASKS, PUBLISHED_ZEROSHOT, ZEROSHOT_TABLE_TASKS
+from .linear import json_default
 from .suite import evar_entries, read_suite, run_suite_entries
 from .tasks import Clip, Task, TaskError, load_task
 
@@ -177,9 +178,9 @@ PROTOCOL = {
 
 
 def evaluate_zeroshot(weights: str | Path, task: Task, output_dir: str | Path | None,
-                      opts: ZeroShotOptions) -> dict[str, Any]:
+                      opts: ZeroShotOptions, wording: str | None = None) -> dict[str, Any]:
     """Zero-shot evaluation of one weight file on `task`; writes ``report.json``/``report.md`` and
-    returns the report."""
+    returns the report. `wording`: the task whose EVAR caption wording applies (default ``task.name``)."""
     from ..runtime import resolve_device
 
     clock, timings = time.perf_counter(), {}
@@ -189,7 +190,7 @@ def evaluate_zeroshot(weights: str | Path, task: Task, output_dir: str | Path | 
     loaded = load_clap(weights, bf16=opts.bf16, trust=opts.trust, text_encoder=opts.text_encoder)
     timings['load_s'] = time.perf_counter() - t0
 
-    captions = class_to_caption(task.name, task.classes, opts.template)
+    captions = class_to_caption(wording or task.name, task.classes, opts.template)
     log.info('%s captions: %s ...', task.name, captions[:3])
     t0 = time.perf_counter()
     loaded.runtime.to(device).eval()
@@ -237,18 +238,10 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / 'report.json') as tmp:
-        tmp.write_text(json.dumps(report, indent=1, default=_json_default) + '\n')
+        tmp.write_text(json.dumps(report, indent=1, default=json_default) + '\n')
     with atomic_path(out / 'report.md') as tmp:
         tmp.write_text(markdown(report))
     return out / 'report.json'
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f'not JSON serializable: {type(o).__name__}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,26 +254,11 @@ def zeroshot_eval(weights: str | Path | list[str | Path], task: Task, output_dir
     ``output_dir/<weights-name>/``, default each its own folder; ``summary.md``/``.json`` in
     `output_dir`, default ``eval/zeroshot-compare/<task>/``; returns the summary with ``'reports'``).
     Options: `ZeroShotOptions`."""
-    from .linear import weights_name
-    from .summary import write_summary
+    from .linear import evaluate_each
 
     opts = ZeroShotOptions.from_kwargs(options)
-    if isinstance(weights, (str, Path)):
-        return evaluate_zeroshot(weights, task, output_dir, opts)
-    weights = list(weights)
-    if not weights:
-        raise M2DError('--weights: no weight file given')
-    if len(weights) == 1:
-        return evaluate_zeroshot(weights[0], task, output_dir, opts)
-    names = [weights_name(w) for w in weights]
-    reports = []
-    for i, w in enumerate(weights):
-        sub = names[i] if names.count(names[i]) == 1 else f'{names[i]}-{i + 1}'
-        reports.append(evaluate_zeroshot(w, task, Path(output_dir) / sub if output_dir is not None else None, opts))
-    out = Path(output_dir) if output_dir is not None else Path('eval') / 'zeroshot-compare' / task.name
-    summary = write_summary(reports, out, **SUMMARY_TEXT)
-    summary['reports'] = reports
-    return summary
+    return evaluate_each(weights, task, output_dir, lambda w, out: evaluate_zeroshot(w, task, out, opts),
+                         Path('eval') / 'zeroshot-compare' / task.name, **SUMMARY_TEXT)
 
 
 SUMMARY_TEXT = {
@@ -323,13 +301,16 @@ def run_zeroshot_suite(weights: list[str | Path], suite: str | Path, data_dir: s
         name = Path(suite).stem
     out = Path(output_dir) if output_dir is not None else Path('eval') / f'zeroshot-{name}'
 
+    wording: dict[str, str] = {}  # entry name -> the task's own name, which EVAR's caption wording goes by
+
     def load(entry: dict[str, Any]) -> Task:
         task = load_zeroshot_task(entry.get('task'), csv=entry.get('csv'), data_dir=entry.get('data_dir'),
                                   unit_sec=entry.get('unit_sec', unit_sec))
+        wording[entry['name']] = task.name
         task.name = entry['name']
         return task
 
     def evaluate(w: str | Path, task: Task, folder: Path) -> dict[str, Any]:
-        return evaluate_zeroshot(w, task, folder, opts)
+        return evaluate_zeroshot(w, task, folder, opts, wording=wording[task.name])
 
     return run_suite_entries(weights, entries, out, load, evaluate, 'zero-shot suite', order, **extra)

@@ -50,7 +50,7 @@ def zeroshot_markdown(report: dict[str, Any]) -> str:
         out += ['']
     out += ['## Task', '', f'- {task["name"]} ({task["source"]}): {len(task["classes"])} classes, '
             f'{"multi-label (mAP)" if task["multilabel"] else "single-label (accuracy)"}']
-    out += [f'- test clips: ' + ', '.join(f'{k}: {v}' for k, v in task['clips'].items())]
+    out += ['- test clips: ' + ', '.join(f'{k}: {v}' for k, v in task['clips'].items())]
     out += [f'- {note}' for note in task.get('notes', [])]
     for key in ('license', 'citation'):
         if task.get(key):

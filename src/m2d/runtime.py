@@ -376,7 +376,8 @@ class RuntimeM2D(nn.Module):
     @property
     def clap_scale(self) -> float:
         """The factor of the CLAP logits: ``exp(logit_scale)`` of the file (the reference trains with
-        ``logit_scale.exp() * cosine``, clamped at 100); 1/0.07 for a file without ``logit_scale``."""
+        ``logit_scale.exp() * cosine`` with ``logit_scale`` kept at most log 100 during training, so the
+        stored value needs no clamp here); 1/0.07 for a file without ``logit_scale``."""
         from .clap import CLIP_INITIAL_LOGIT_SCALE
 
         if 'logit_scale' not in self._buffers:
